@@ -1,0 +1,460 @@
+//! The TOML configuration: schema (serde), parsing with `file:line:column` errors, and the
+//! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
+
+mod types;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use types::{AlgorithmName, BackendSpec, ConfigDuration, ListenAddr};
+
+/// A whole Fulcrum configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The admin listener (REST API, metrics).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Client-facing listeners by name.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, ListenerConfig>,
+    /// Backend pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads; 0 (the default) means one per CPU core.
+    pub workers: usize,
+    /// How long a graceful shutdown waits for in-flight requests before closing them.
+    pub shutdown_timeout: ConfigDuration,
+    /// Log format: "text" (default) or "json".
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: 0,
+            shutdown_timeout: ConfigDuration(Duration::from_secs(30)),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]`: where the admin API listens and how it is protected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin listen address; loopback by default.
+    pub listen: Spanned<ListenAddr>,
+    /// Bearer token; required when `listen` is not a loopback address.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([127, 0, 0, 1], 9090)))),
+            token: None,
+        }
+    }
+}
+
+/// The protocol a listener speaks to clients.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge) in clear text.
+    Http,
+}
+
+/// `[listeners.NAME]`: one client-facing socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind, e.g. "0.0.0.0:80"; port 0 picks a free port.
+    pub listen: ListenAddr,
+    /// Client protocol.
+    #[serde(default = "default_protocol")]
+    pub protocol: ListenerProtocol,
+    /// Name of the pool that serves this listener.
+    pub pool: Spanned<String>,
+    /// Open client connections above this are refused (closed at accept).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time (408-style close).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: ConfigDuration,
+    /// Largest request head accepted; larger gets 431. At least 8 KiB.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+fn default_protocol() -> ListenerProtocol {
+    ListenerProtocol::Http
+}
+fn default_max_connections() -> usize {
+    // Generous for one host, yet bounded so a connection flood cannot exhaust file descriptors.
+    10_000
+}
+fn default_header_read_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_max_header_bytes() -> usize {
+    // 64 KiB: far above real browsers' heads (~1-8 KiB), small enough to bound memory per client.
+    64 * 1024
+}
+
+/// `[pools.NAME]`: a set of interchangeable backends and how to spread load over them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Selection algorithm.
+    #[serde(default)]
+    pub algorithm: AlgorithmName,
+    /// The backends, as "IP:PORT" strings or `{ address = "...", weight = N }` tables.
+    pub backends: Spanned<Vec<Spanned<BackendSpec>>>,
+    /// Timeouts towards the backends.
+    #[serde(default)]
+    pub timeouts: PoolTimeouts,
+    /// How long a backend that refused a connection is skipped before it is tried again.
+    #[serde(default = "default_failure_backoff")]
+    pub failure_backoff: ConfigDuration,
+    /// How many different backends one request may be tried on (connect failures).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: usize,
+}
+
+fn default_failure_backoff() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(2))
+}
+fn default_max_attempts() -> usize {
+    3
+}
+
+/// `[pools.NAME.timeouts]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolTimeouts {
+    /// TCP connect to a backend.
+    pub connect: ConfigDuration,
+    /// From sending the request to receiving the response head (504 after that).
+    pub request: ConfigDuration,
+    /// Idle keep-alive connections to backends are closed after this.
+    pub idle: ConfigDuration,
+}
+
+impl Default for PoolTimeouts {
+    fn default() -> Self {
+        PoolTimeouts {
+            connect: ConfigDuration(Duration::from_secs(1)),
+            request: ConfigDuration(Duration::from_secs(30)),
+            idle: ConfigDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A configuration error pointing at the place in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the error is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: usize,
+    /// 1-based column, when known.
+    pub column: usize,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_column(text, span.map(|s| s.start).unwrap_or(0));
+            ConfigError {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        };
+        let config: Config =
+            toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
+        config
+            .validate()
+            .map_err(|(span, message)| at(Some(span), message))?;
+        Ok(config)
+    }
+
+    /// Checks the rules serde cannot express. Returns the offending span and a message.
+    fn validate(&self) -> Result<(), (Range<usize>, String)> {
+        if self.listeners.is_empty() {
+            return Err((
+                0..0,
+                "no listeners: add a [listeners.NAME] table".to_string(),
+            ));
+        }
+        for (name, listener) in &self.listeners {
+            if !self.pools.contains_key(listener.pool.get_ref()) {
+                let known: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+                return Err((
+                    listener.pool.span(),
+                    format!(
+                        "listener `{name}` uses pool `{}`, which is not defined (defined pools: {})",
+                        listener.pool.get_ref(),
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            if listener.max_header_bytes < 8192 {
+                return Err((
+                    listener.pool.span(),
+                    format!("listener `{name}`: max_header_bytes must be at least 8192"),
+                ));
+            }
+        }
+        for (name, pool) in &self.pools {
+            if pool.backends.get_ref().is_empty() {
+                return Err((
+                    pool.backends.span(),
+                    format!("pool `{name}` has no backends: expected at least one \"IP:PORT\""),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for backend in pool.backends.get_ref() {
+                if !seen.insert(backend.get_ref().address) {
+                    return Err((
+                        backend.span(),
+                        format!(
+                            "pool `{name}` lists backend {} twice",
+                            backend.get_ref().address
+                        ),
+                    ));
+                }
+            }
+            if pool.max_attempts == 0 {
+                return Err((
+                    pool.backends.span(),
+                    format!("pool `{name}`: max_attempts must be at least 1"),
+                ));
+            }
+        }
+        let admin = self.admin.listen.get_ref().0;
+        if !admin.ip().is_loopback() && self.admin.token.as_deref().unwrap_or("").is_empty() {
+            return Err((
+                self.admin.listen.span(),
+                format!("admin listen address {admin} is not loopback: set admin.token so the API is not open to the network"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+[admin]
+listen = "127.0.0.1:9090"
+
+[listeners.web]
+listen = "127.0.0.1:8080"
+protocol = "http"
+pool = "app"
+
+[pools.app]
+algorithm = "round_robin"            # also: least_conn, p2c (more come later)
+backends = [
+  { address = "127.0.0.1:9001", weight = 2 },
+  { address = "127.0.0.1:9002" },     # weight defaults to 1
+  "127.0.0.1:9003",                  # plain string form
+]
+[pools.app.timeouts]
+connect = "1s"
+request = "30s"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn error_at(text: &str) -> (usize, usize, String) {
+        let e = parse(text).expect_err("config should be refused");
+        (e.line, e.column, e.message)
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = parse(ISSUE_EXAMPLE).unwrap();
+        let pool = &config.pools["app"];
+        let backends: Vec<(String, u32)> = pool
+            .backends
+            .get_ref()
+            .iter()
+            .map(|b| (b.get_ref().address.to_string(), b.get_ref().weight))
+            .collect();
+        assert_eq!(
+            backends,
+            vec![
+                ("127.0.0.1:9001".to_string(), 2),
+                ("127.0.0.1:9002".to_string(), 1),
+                ("127.0.0.1:9003".to_string(), 1)
+            ]
+        );
+        assert_eq!(pool.timeouts.connect.0, Duration::from_secs(1));
+        assert_eq!(pool.timeouts.request.0, Duration::from_secs(30));
+        assert_eq!(config.listeners["web"].pool.get_ref(), "app");
+        assert_eq!(config.admin.listen.get_ref().0.port(), 9090);
+    }
+
+    #[test]
+    fn unknown_key_points_at_it() {
+        let text = ISSUE_EXAMPLE.replace("protocol = \"http\"", "protocl = \"http\"");
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (7, 1), "{message}");
+        assert!(message.contains("protocl"), "{message}");
+    }
+
+    #[test]
+    fn bad_backend_address_points_at_it() {
+        let text = ISSUE_EXAMPLE.replace("\"127.0.0.1:9003\"", "\"127.0.0.1:99999\"");
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (15, 3), "{message}");
+        assert!(message.contains("127.0.0.1:99999"), "{message}");
+    }
+
+    #[test]
+    fn bad_address_in_table_form_points_at_it() {
+        let text =
+            ISSUE_EXAMPLE.replace("{ address = \"127.0.0.1:9002\" }", "{ address = \"nope\" }");
+        let (line, _, message) = error_at(&text);
+        assert_eq!(line, 14, "{message}");
+        assert!(message.contains("nope"), "{message}");
+    }
+
+    #[test]
+    fn bad_duration_points_at_it() {
+        let text = ISSUE_EXAMPLE.replace("connect = \"1s\"", "connect = \"1 fortnight\"");
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (18, 11), "{message}");
+        assert!(message.contains("duration"), "{message}");
+    }
+
+    #[test]
+    fn missing_pool_points_at_listener() {
+        let text = ISSUE_EXAMPLE.replace("pool = \"app\"", "pool = \"ap\"");
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (8, 8), "{message}");
+        assert!(
+            message.contains("`ap`") && message.contains("app"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unknown_algorithm_lists_the_known_ones() {
+        let text = ISSUE_EXAMPLE.replace("\"round_robin\"", "\"fastest\"");
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (11, 13), "{message}");
+        assert!(
+            message.contains("round_robin") && message.contains("least_conn"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn duplicate_backend_and_empty_pool_are_refused() {
+        let text = ISSUE_EXAMPLE.replace("\"127.0.0.1:9003\"", "\"127.0.0.1:9001\"");
+        assert!(error_at(&text).2.contains("twice"));
+        let text = ISSUE_EXAMPLE.replace(
+            "backends = [\n  { address = \"127.0.0.1:9001\", weight = 2 },\n  { address = \"127.0.0.1:9002\" },     # weight defaults to 1\n  \"127.0.0.1:9003\",                  # plain string form\n]",
+            "backends = []",
+        );
+        assert!(error_at(&text).2.contains("no backends"));
+    }
+
+    #[test]
+    fn public_admin_needs_a_token() {
+        let text =
+            ISSUE_EXAMPLE.replace("listen = \"127.0.0.1:9090\"", "listen = \"0.0.0.0:9090\"");
+        let (line, _, message) = error_at(&text);
+        assert_eq!(line, 3);
+        assert!(message.contains("token"), "{message}");
+        let text = text.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+        parse(&text).unwrap();
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let (line, _, _) = error_at("[listeners.web\nlisten = 1");
+        assert_eq!(line, 1);
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("ab\ncdé\nx", 7), (2, 4));
+        assert_eq!(line_column("", 0), (1, 1));
+    }
+}

@@ -1,0 +1,13 @@
+//! Fulcrum: a fast, load-aware HTTP load balancer.
+//!
+//! The binary (`src/main.rs`) is a thin command line over this library: [`config`] reads and
+//! validates the TOML file, [`server`] binds listeners and serves them with the [`proxy`],
+//! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
+
+pub mod backend;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod pool;
+pub mod proxy;
+pub mod server;
