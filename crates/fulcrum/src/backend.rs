@@ -3,7 +3,8 @@
 //! Every path answers 200 with `X-Backend: NAME` and a small JSON body (name, method, path,
 //! received header count, and the length and FNV-1a hash of the request body it read).
 //! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`].
-//! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status.
+//! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
+//! `echo=headers` adds the received headers to the JSON body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -195,7 +196,7 @@ impl BackendServer {
                     total: size,
                 }
             } else {
-                let json = serde_json::json!({
+                let mut json = serde_json::json!({
                     "name": self.name.to_str().unwrap_or(""),
                     "method": parts.method.as_str(),
                     "path": path,
@@ -203,6 +204,19 @@ impl BackendServer {
                     "body_bytes": received,
                     "body_fnv": format!("{:016x}", hash.0),
                 });
+                if query_param(query, "echo") == Some("headers") {
+                    let echoed: serde_json::Map<String, serde_json::Value> = parts
+                        .headers
+                        .iter()
+                        .map(|(name, value)| {
+                            (
+                                name.to_string(),
+                                String::from_utf8_lossy(value.as_bytes()).into(),
+                            )
+                        })
+                        .collect();
+                    json["echo"] = echoed.into();
+                }
                 let mut text = json.to_string();
                 text.push('\n');
                 BackendBody::Full(Some(Bytes::from(text)))

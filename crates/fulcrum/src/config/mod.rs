@@ -184,7 +184,7 @@ impl Default for PoolTimeouts {
 pub struct ConfigError {
     /// The file the error is in.
     pub file: PathBuf,
-    /// 1-based line, when known.
+    /// 1-based line; 0 when the error is not about a place in the file (unreadable file).
     pub line: usize,
     /// 1-based column, when known.
     pub column: usize,
@@ -194,6 +194,9 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",

@@ -11,17 +11,55 @@ use hyper::client::conn::http1::SendRequest;
 
 use crate::pool::InFlightGuard;
 
+/// The body Fulcrum sends to a backend: the client's body streamed through, or nothing (a
+/// retried request, whose body was empty).
+pub enum RequestBody {
+    /// The client's body, streamed.
+    Client(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A backend's response body. Holds the request's in-flight slot until the body is finished
 /// or dropped, and hands the connection back to the pool once the body ended cleanly.
 pub struct UpstreamBody {
     inner: Incoming,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<RequestBody>>,
     guard: InFlightGuard,
 }
 
 impl UpstreamBody {
     /// Wraps a backend's body; `sender` goes back to the backend's pool at the end.
-    pub fn new(inner: Incoming, sender: SendRequest<Incoming>, guard: InFlightGuard) -> Self {
+    pub fn new(inner: Incoming, sender: SendRequest<RequestBody>, guard: InFlightGuard) -> Self {
         UpstreamBody {
             inner,
             sender: Some(sender),

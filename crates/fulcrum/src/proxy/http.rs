@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fulcrum_balance::{splitmix64, PickContext};
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::now_ns;
 use crate::pool::{Backend, Pool};
-use crate::proxy::body::{ProxyBody, UpstreamBody};
+use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::{add_forwarded, remove_hop_by_hop};
 use crate::proxy::upstream::UpstreamConnection;
 
@@ -76,12 +77,19 @@ impl HttpProxy {
         Ok(self.forward(request).await)
     }
 
-    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let pool = &self.pool;
         let settings = &pool.settings;
         let snapshot = pool.snapshot();
-        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
         let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
+        // A request that reached a backend may be sent again elsewhere only when it is
+        // idempotent and has no body: keep its head for that.
+        let replay =
+            (attempts > 1 && request.method().is_idempotent() && request.body().is_end_stream())
+                .then(|| ReplayableHead::of(&request));
+        let mut request = request.map(RequestBody::Client);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
+        let mut failure = None;
         for attempt in 0..attempts {
             let ctx = PickContext {
                 key_hash: 0,
@@ -94,27 +102,36 @@ impl HttpProxy {
             };
             tried[attempt] = index;
             let backend = &snapshot.backends[index];
-            match backend
+            let connection = match backend
                 .connections
                 .acquire(settings.connect_timeout, settings.idle_timeout)
                 .await
             {
-                Ok(connection) => {
-                    match self.exchange(backend, connection, request).await {
-                        Ok(response) => return response,
-                        // The request came back unsent (the pooled connection had just
-                        // closed): safe to try again.
-                        Err(unsent) => request = unsent,
-                    }
-                }
+                Ok(connection) => connection,
                 Err(error) => {
                     backend.record_failure(Some(settings.failure_backoff));
                     tracing::warn!(
                         listener = %self.listener, pool = %pool.name, backend = %backend.address,
                         %error, "backend unreachable; trying another backend"
                     );
+                    continue;
                 }
+            };
+            match self.exchange(backend, connection, request).await {
+                Exchange::Answered(response) => return response,
+                Exchange::Unsent(unsent) => request = unsent,
+                Exchange::Failed(response) => match &replay {
+                    Some(head) => {
+                        tracing::info!(pool = %pool.name, backend = %backend.address, "retrying idempotent request on another backend");
+                        request = head.rebuild();
+                        failure = Some(response);
+                    }
+                    None => return response,
+                },
             }
+        }
+        if let Some(response) = failure {
+            return response;
         }
         tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
         local_response(
@@ -123,83 +140,109 @@ impl HttpProxy {
         )
     }
 
-    /// Sends `request` on `connection` and waits for the response head. Returns the request
-    /// back when it was provably not sent and a fresh connection to the same backend failed
-    /// too, so the caller can try another backend.
+    /// Sends `request` on `connection` and waits for the response head.
     async fn exchange(
         &self,
         backend: &Backend,
         mut connection: UpstreamConnection,
-        request: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Request<Incoming>> {
+        mut request: Request<RequestBody>,
+    ) -> Exchange {
         let settings = &self.pool.settings;
         let guard = backend.start_request();
-        let mut request = request;
         loop {
             let sent = tokio::time::timeout(
                 settings.request_timeout,
                 connection.sender.try_send_request(request),
             )
             .await;
-            match sent {
+            let mut error = match sent {
                 Ok(Ok(mut response)) => {
                     remove_hop_by_hop(response.headers_mut());
                     let response = response.map(|body| {
                         ProxyBody::Upstream(UpstreamBody::new(body, connection.sender, guard))
                     });
-                    return Ok(response);
+                    return Exchange::Answered(response);
                 }
-                Ok(Err(mut error)) => {
-                    let unsent = error.take_message();
-                    let error = error.into_error();
-                    match unsent {
-                        Some(unsent) if connection.reused => {
-                            // A stale keep-alive connection: retry once on a fresh one.
-                            tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
-                            match backend.connections.connect(settings.connect_timeout).await {
-                                Ok(fresh) => {
-                                    connection = fresh;
-                                    request = unsent;
-                                    continue;
-                                }
-                                Err(connect_error) => {
-                                    backend.record_failure(Some(settings.failure_backoff));
-                                    tracing::warn!(backend = %backend.address, error = %connect_error, "backend unreachable; trying another backend");
-                                    return Err(unsent);
-                                }
-                            }
-                        }
-                        Some(unsent) => {
-                            backend.record_failure(Some(settings.failure_backoff));
-                            tracing::warn!(backend = %backend.address, %error, "backend closed the connection before the request; trying another backend");
-                            return Err(unsent);
-                        }
-                        None => {
-                            backend.record_failure(None);
-                            tracing::warn!(
-                                listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
-                                %error, "backend failed before answering"
-                            );
-                            return Ok(local_response(
-                                StatusCode::BAD_GATEWAY,
-                                "502 bad gateway: the backend failed to answer",
-                            ));
-                        }
-                    }
-                }
+                Ok(Err(error)) => error,
                 Err(_) => {
                     backend.record_failure(None);
                     tracing::warn!(
                         listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
                         timeout = ?settings.request_timeout, "backend did not answer in time"
                     );
-                    return Ok(local_response(
+                    return Exchange::Answered(local_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         "504 gateway timeout: the backend did not answer in time",
                     ));
                 }
+            };
+            let Some(unsent) = error.take_message() else {
+                backend.record_failure(None);
+                tracing::warn!(
+                    listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
+                    error = %error.into_error(), "backend failed before answering"
+                );
+                return Exchange::Failed(local_response(
+                    StatusCode::BAD_GATEWAY,
+                    "502 bad gateway: the backend failed to answer",
+                ));
+            };
+            let error = error.into_error();
+            if !connection.reused {
+                backend.record_failure(Some(settings.failure_backoff));
+                tracing::warn!(backend = %backend.address, %error, "backend closed a new connection; trying another backend");
+                return Exchange::Unsent(unsent);
+            }
+            // A keep-alive connection the backend had just closed: once more on a fresh one.
+            tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
+            match backend.connections.connect(settings.connect_timeout).await {
+                Ok(fresh) => {
+                    connection = fresh;
+                    request = unsent;
+                }
+                Err(connect_error) => {
+                    backend.record_failure(Some(settings.failure_backoff));
+                    tracing::warn!(backend = %backend.address, error = %connect_error, "backend unreachable; trying another backend");
+                    return Exchange::Unsent(unsent);
+                }
             }
         }
+    }
+}
+
+/// How one attempt on one backend ended.
+enum Exchange {
+    /// A response for the client (the backend's, or a 504).
+    Answered(Response<ProxyBody>),
+    /// The request was provably not sent: it can go to another backend as it is.
+    Unsent(Request<RequestBody>),
+    /// The backend took the request and failed before answering; the 502 to send if the
+    /// request cannot be retried.
+    Failed(Response<ProxyBody>),
+}
+
+/// The head of an idempotent, bodiless request, kept so it can be sent again.
+struct ReplayableHead {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl ReplayableHead {
+    fn of<B>(request: &Request<B>) -> Self {
+        ReplayableHead {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        }
+    }
+
+    fn rebuild(&self) -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::Empty);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
     }
 }
 

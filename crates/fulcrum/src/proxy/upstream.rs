@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::proxy::body::RequestBody;
 
 /// Most idle connections kept per backend. Enough for a busy backend at high concurrency;
 /// the queue is preallocated, so this also bounds memory per backend (~10 KiB).
@@ -41,14 +42,14 @@ impl std::error::Error for ConnectError {}
 /// A connection ready to carry one request.
 pub struct UpstreamConnection {
     /// The hyper handle to send the request on.
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<RequestBody>,
     /// Whether it came from the idle pool (a reused connection may have been closed by the
     /// backend meanwhile; a request it returns unsent can be retried on a fresh one).
     pub reused: bool,
 }
 
 struct IdleConnection {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     idle_since: Instant,
 }
 
@@ -131,7 +132,7 @@ impl ConnectionPool {
 
     /// Returns a connection whose exchange completed, for reuse. Dropped (closed) if the pool
     /// is full or the connection is closing.
-    pub fn release(&self, sender: SendRequest<Incoming>) {
+    pub fn release(&self, sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }

@@ -1,0 +1,284 @@
+//! Test fixtures: the real `fulcrum` binary started as backends and as the balancer, on
+//! 127.0.0.1 port 0, with readiness read from their stdout and cleanup by process id.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a process may take to print its readiness line.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The fulcrum binary under test.
+pub fn fulcrum_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fulcrum")
+}
+
+/// A child process, killed (by pid) and reaped on drop.
+pub struct Proc {
+    child: Option<Child>,
+    /// Address from the readiness line.
+    pub addr: SocketAddr,
+    /// Every `listening NAME http://ADDR` line: NAME → ADDR.
+    pub listeners: HashMap<String, SocketAddr>,
+    /// Where the process's stderr (its logs) goes.
+    pub log_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process already reaped").id()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal by name ("TERM", "HUP", ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's log output so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM line")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `fulcrum ARGS` and waits until it printed at least `ready_lines` readiness lines.
+fn spawn(
+    args: &[&str],
+    ready_lines: usize,
+    dir: Option<tempfile::TempDir>,
+    log_dir: &Path,
+) -> Proc {
+    let log_path = log_dir.join(format!("log-{}.txt", unique()));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(fulcrum_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start fulcrum");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut listeners = HashMap::new();
+    let mut first = None;
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while listeners.len() < ready_lines {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "fulcrum {args:?} not ready: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        let mut words = line.split_whitespace();
+        if words.next() == Some("listening") {
+            let name = words.next().unwrap_or_default().to_string();
+            let addr: SocketAddr = words
+                .next()
+                .and_then(|u| u.strip_prefix("http://"))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("bad readiness line {line:?}"));
+            first.get_or_insert(addr);
+            listeners.insert(name, addr);
+        }
+    }
+    Proc {
+        child: Some(child),
+        addr: first.expect("a listener"),
+        listeners,
+        log_path,
+        _dir: dir,
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Starts a demo backend named `name` (with an optional answer delay) on 127.0.0.1:0.
+pub fn backend(name: &str, delay_ms: u64) -> Proc {
+    spawn(
+        &[
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--delay-ms",
+            &delay_ms.to_string(),
+        ],
+        1,
+        None,
+        &std::env::temp_dir(),
+    )
+}
+
+/// Writes `config` to a temporary file and returns (dir, path).
+pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fulcrum.toml");
+    std::fs::write(&path, config).expect("write config");
+    (dir, path)
+}
+
+/// Starts `fulcrum run` with this config text; `listeners` is how many listeners to await.
+pub fn balancer_with(config: &str, listeners: usize) -> Proc {
+    let (dir, path) = write_config(config);
+    let log_dir = dir.path().to_path_buf();
+    spawn(
+        &["run", "--config", path.to_str().unwrap()],
+        listeners,
+        Some(dir),
+        &log_dir,
+    )
+}
+
+/// Starts `fulcrum run` with one HTTP listener `web` on port 0 in front of `backends`.
+/// `pool_extra` is added to the `[pools.app]` table (e.g. `algorithm = "least_conn"`).
+pub fn balancer(backends: &[(SocketAddr, u32)], pool_extra: &str) -> Proc {
+    balancer_with(&config_for(backends, pool_extra), 1)
+}
+
+/// The config text `balancer` uses.
+pub fn config_for(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(addr, weight)| format!("{{ address = \"{addr}\", weight = {weight} }}"))
+        .collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listeners.web]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n\n\
+         [pools.app]\nbackends = [{}]\n{pool_extra}\n",
+        list.join(", ")
+    )
+}
+
+/// A free port on 127.0.0.1 with nothing listening (bound, then released).
+pub fn dead_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// An HTTP client that never uses a proxy, with a bounded per-request time.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Sends `total` GET requests to `url` from `concurrency` tasks; returns (X-Backend → count,
+/// non-200 statuses and transport errors as text).
+pub async fn spread(
+    url: &str,
+    total: usize,
+    concurrency: usize,
+) -> (HashMap<String, usize>, Vec<String>) {
+    let client = client();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
+        tasks.spawn(async move {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut failures = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                match client.get(&url).send().await {
+                    Ok(response) if response.status() == 200 => {
+                        let name = response
+                            .headers()
+                            .get("x-backend")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("?")
+                            .to_string();
+                        let _ = response.bytes().await;
+                        *counts.entry(name).or_default() += 1;
+                    }
+                    Ok(response) => failures.push(format!("status {}", response.status())),
+                    Err(error) => failures.push(format!("error {error}")),
+                }
+            }
+            (counts, failures)
+        });
+    }
+    let mut counts = HashMap::new();
+    let mut failures = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let (c, f) = result.unwrap();
+        for (k, v) in c {
+            *counts.entry(k).or_default() += v;
+        }
+        failures.extend(f);
+    }
+    (counts, failures)
+}

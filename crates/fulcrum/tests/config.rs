@@ -1,0 +1,128 @@
+//! End-to-end: `fulcrum check` and `fulcrum run` refuse bad configuration with
+//! `file:line:column` and what was expected, and accept the shipped examples.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const GOOD: &str = r#"[listeners.web]
+listen = "127.0.0.1:0"
+pool = "app"
+
+[pools.app]
+backends = ["127.0.0.1:9001"]
+[pools.app.timeouts]
+connect = "1s"
+"#;
+
+fn check(text: &str) -> (i32, String) {
+    let (_dir, path) = write_config(text);
+    let output = Command::new(fulcrum_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    (
+        output.status.code().unwrap_or(-1),
+        stderr.replace(path.to_str().unwrap(), "FILE"),
+    )
+}
+
+#[test]
+fn good_config_passes() {
+    let (code, stderr) = check(GOOD);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn each_bad_case_names_line_and_column() {
+    let cases = [
+        (
+            GOOD.replace("pool = \"app\"", "pool = \"app\"\ncolour = \"blue\""),
+            "FILE:4:1:",
+            "colour",
+        ),
+        (
+            GOOD.replace("127.0.0.1:9001", "127.0.0.1:9x01"),
+            "FILE:6:13:",
+            "expected IP:PORT",
+        ),
+        (
+            GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
+            "FILE:2:10:",
+            "expected IP:PORT",
+        ),
+        (
+            GOOD.replace("connect = \"1s\"", "connect = \"soon\""),
+            "FILE:8:11:",
+            "expected a duration",
+        ),
+        (
+            GOOD.replace("pool = \"app\"", "pool = \"api\""),
+            "FILE:3:8:",
+            "pool `api`, which is not defined",
+        ),
+        (
+            GOOD.replace("[pools.app]", "[pools.app]\nalgorithm = \"best\""),
+            "FILE:6:13:",
+            "expected one of",
+        ),
+        (GOOD.replace("[pools.app]", "[pools.app"), "FILE:5:11:", ""),
+    ];
+    for (text, position, expected) in cases {
+        let (code, stderr) = check(&text);
+        assert_eq!(code, 1, "{text}\n{stderr}");
+        assert!(stderr.starts_with(position), "want {position} got {stderr}");
+        assert!(stderr.contains(expected), "want {expected:?} in {stderr}");
+    }
+}
+
+#[test]
+fn run_refuses_bad_config_with_the_same_message() {
+    let (_dir, path) = write_config(&GOOD.replace("connect = \"1s\"", "connect = \"soon\""));
+    let output = Command::new(fulcrum_bin())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:8:11:", path.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let (code, stderr) = check_path("/nonexistent/fulcrum.toml");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+}
+
+fn check_path(path: &str) -> (i32, String) {
+    let output = Command::new(fulcrum_bin())
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+#[test]
+fn shipped_examples_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, stderr) = check_path(path.to_str().unwrap());
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no examples found in {dir}");
+}
