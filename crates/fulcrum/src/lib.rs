@@ -4,10 +4,12 @@
 //! validates the TOML file, [`server`] binds listeners and serves them with the [`proxy`],
 //! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
 
+pub mod admin;
 pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod pool;
 pub mod proxy;
 pub mod server;

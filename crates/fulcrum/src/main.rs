@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fulcrum::backend::{spawn_backend, BackendOptions};
 use fulcrum::config::{Config, LogFormat};
-use fulcrum::server::RunningServer;
+use fulcrum::server::Server;
 
 /// Fulcrum: a fast, load-aware load balancer.
 #[derive(Debug, Parser)]
@@ -153,22 +153,45 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
-    let server = RunningServer::start(&config).await?;
-    for listener in server.listeners() {
+    let admin = config.admin.clone();
+    let server = Server::start(config, path.map(Path::to_path_buf)).await?;
+    let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_address = fulcrum::admin::start(admin.listen.get_ref().0, admin.token, server.clone(), admin_stopped).await?;
+    for listener in server.listeners().await {
         println!(
             "listening {} http://{} pool={}",
             listener.name, listener.address, listener.pool
         );
     }
+    println!("listening admin http://{admin_address}");
     if path.is_none() {
-        if let Some(first) = server.listeners().first() {
+        if let Some(first) = server.listeners().await.first() {
             println!("try: curl -i http://{}/", first.address);
             println!("press Ctrl-C to stop");
         }
     }
+    tokio::spawn(reload_on_sighup(server.clone()));
     wait_for_signal().await;
     server.shutdown().await;
+    let _ = stop_admin.send(true);
     Ok(())
+}
+
+/// Reloads the configuration on every SIGHUP; a bad file is logged and changes nothing.
+async fn reload_on_sighup(server: std::sync::Arc<Server>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            let _ = server.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = server;
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,22 +1,25 @@
-//! Running Fulcrum: build the pools, bind the listeners, accept connections, serve them with
-//! hyper, and shut down gracefully.
+//! Running Fulcrum: build the pools (each with its manager task), bind the listeners, serve
+//! them with hyper, apply reloads, and shut down gracefully.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, ListenerConfig};
-use crate::pool::Pool;
+use crate::events::EventLog;
+use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
 
 /// Pending connections the kernel queues per listener before accept.
@@ -33,93 +36,252 @@ pub struct BoundListener {
     pub pool: String,
 }
 
-/// A running Fulcrum: its listeners and pools, and the handle to stop it.
-pub struct RunningServer {
-    listeners: Vec<BoundListener>,
-    pools: BTreeMap<String, Arc<Pool>>,
+/// A listener's accept task and the switch that stops it.
+struct ListenerTask {
+    config: ListenerConfig,
+    bound: BoundListener,
     stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    task: JoinHandle<()>,
+}
+
+/// What changes only on reload, behind one async mutex so reloads apply one at a time.
+struct Running {
+    config: Config,
+    listeners: BTreeMap<String, ListenerTask>,
+}
+
+/// A running Fulcrum: pools, listeners, the event log, and the handles to reload and stop it.
+pub struct Server {
+    config_path: Option<PathBuf>,
+    events: Arc<EventLog>,
+    pools: ArcSwap<BTreeMap<String, PoolHandle>>,
+    running: Mutex<Running>,
+    /// Turns true at shutdown: pool managers stop.
+    stop_managers: watch::Sender<bool>,
     shutdown_timeout: Duration,
 }
 
-impl RunningServer {
+/// The outcome of a reload, for the API and the log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadReport {
+    /// Listeners opened.
+    pub listeners_added: Vec<String>,
+    /// Listeners closed (after draining their connections).
+    pub listeners_removed: Vec<String>,
+    /// Listeners re-opened with new settings.
+    pub listeners_changed: Vec<String>,
+    /// Pools created.
+    pub pools_added: Vec<String>,
+    /// Pools whose config was re-applied.
+    pub pools_updated: Vec<String>,
+    /// Pools dropped.
+    pub pools_removed: Vec<String>,
+}
+
+impl Server {
     /// Builds the pools and binds every listener; fails (with the listener's name and address)
-    /// when one cannot be bound. Serving starts at once.
-    pub async fn start(config: &Config) -> Result<RunningServer> {
-        let pools: BTreeMap<String, Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|(name, pool)| (name.clone(), Pool::from_config(name, pool)))
-            .collect();
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        let mut listeners = Vec::new();
-        for (name, listener_config) in &config.listeners {
-            let socket = bind(listener_config.listen.0).with_context(|| {
-                format!(
-                    "cannot listen on {} for listener `{name}`",
-                    listener_config.listen.0
-                )
-            })?;
-            let address = socket.local_addr()?;
-            let pool_name = listener_config.pool.get_ref().clone();
-            let pool = pools
-                .get(&pool_name)
-                .cloned()
-                .with_context(|| format!("listener `{name}` uses undefined pool `{pool_name}`"))?;
-            let proxy = Arc::new(HttpProxy::new(name, pool));
-            tasks.spawn(serve_http(
-                socket,
-                proxy,
-                listener_config.clone(),
-                stopped.clone(),
-                config.server.shutdown_timeout.0,
-            ));
-            tracing::info!(listener = %name, %address, pool = %pool_name, "listening");
-            listeners.push(BoundListener {
-                name: name.clone(),
-                address,
-                pool: pool_name,
-            });
-        }
-        Ok(RunningServer {
-            listeners,
-            pools,
-            stop,
-            tasks,
+    /// when one cannot be bound. Serving starts at once. `config_path` is what reloads re-read.
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Server>> {
+        let (stop_managers, _) = watch::channel(false);
+        let events = Arc::new(EventLog::default());
+        let server = Arc::new(Server {
+            config_path,
+            events,
+            pools: ArcSwap::from_pointee(BTreeMap::new()),
+            running: Mutex::new(Running {
+                config: Config::default(),
+                listeners: BTreeMap::new(),
+            }),
+            stop_managers,
             shutdown_timeout: config.server.shutdown_timeout.0,
-        })
+        });
+        server.apply(config).await?;
+        Ok(server)
     }
 
     /// The bound listeners.
-    pub fn listeners(&self) -> &[BoundListener] {
-        &self.listeners
+    pub async fn listeners(&self) -> Vec<BoundListener> {
+        let running = self.running.lock().await;
+        running.listeners.values().map(|l| l.bound.clone()).collect()
     }
 
-    /// The pools by name.
-    pub fn pools(&self) -> &BTreeMap<String, Arc<Pool>> {
-        &self.pools
+    /// The pools by name, with handles to change them (lock-free read).
+    pub fn pools(&self) -> arc_swap::Guard<Arc<BTreeMap<String, PoolHandle>>> {
+        self.pools.load()
+    }
+
+    /// The control-plane event log.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// The configuration in force.
+    pub async fn config(&self) -> Config {
+        self.running.lock().await.config.clone()
+    }
+
+    /// Re-reads the config file and applies it. A bad file changes nothing: the error (with
+    /// `file:line:column`) is returned, logged and recorded as an event.
+    pub async fn reload(&self) -> Result<ReloadReport> {
+        let Some(path) = &self.config_path else {
+            anyhow::bail!("no configuration file to reload (started without --config)");
+        };
+        let outcome = match Config::load(path) {
+            Ok(config) => self.apply(config).await,
+            Err(error) => Err(anyhow::Error::new(error)),
+        };
+        match &outcome {
+            Ok(report) => self.events.record("reload", None, None, format!("reload applied: {report:?}")),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "reload refused; the previous configuration keeps running");
+                self.events.record("reload_failed", None, None, format!("reload refused: {error:#}"));
+            }
+        }
+        outcome
+    }
+
+    /// Makes the running state match `config`: pools first (new ones created, existing ones
+    /// reconfigured), then listeners (new ones bound before changed ones are closed, so a
+    /// changed listener never refuses a connection).
+    async fn apply(&self, config: Config) -> Result<ReloadReport> {
+        let mut running = self.running.lock().await;
+        let mut report = ReloadReport {
+            listeners_added: vec![],
+            listeners_removed: vec![],
+            listeners_changed: vec![],
+            pools_added: vec![],
+            pools_updated: vec![],
+            pools_removed: vec![],
+        };
+        // Bind every new or changed listener first: if one fails, nothing changes.
+        let mut to_start = Vec::new();
+        for (name, listener) in &config.listeners {
+            let unchanged = running.listeners.get(name).is_some_and(|old| same_listener(&old.config, listener));
+            if !unchanged {
+                let socket = bind(listener.listen.0)
+                    .with_context(|| format!("cannot listen on {} for listener `{name}`", listener.listen.0))?;
+                to_start.push((name.clone(), listener.clone(), socket));
+            }
+        }
+        let old_pools = self.pools.load_full();
+        let mut pools = BTreeMap::new();
+        for (name, pool_config) in &config.pools {
+            match old_pools.get(name) {
+                Some(handle) => {
+                    if running.config.pools.get(name) != Some(pool_config) {
+                        handle
+                            .reconfigure(pool_config.clone())
+                            .await
+                            .with_context(|| format!("pool `{name}`"))?;
+                        report.pools_updated.push(name.clone());
+                    }
+                    pools.insert(name.clone(), handle.clone());
+                }
+                None => {
+                    let pool = Pool::from_config(name, pool_config);
+                    let handle = PoolManager::spawn(pool, pool_config, self.events.clone(), self.stop_managers.subscribe());
+                    pools.insert(name.clone(), handle);
+                    if !running.config.pools.is_empty() {
+                        report.pools_added.push(name.clone());
+                    }
+                }
+            }
+        }
+        report.pools_removed = old_pools.keys().filter(|n| !pools.contains_key(*n)).cloned().collect();
+        self.pools.store(Arc::new(pools));
+        let pools = self.pools.load_full();
+
+        for (name, listener_config, socket) in to_start {
+            let pool = pools
+                .get(listener_config.pool.get_ref())
+                .map(|h| h.pool.clone())
+                .with_context(|| format!("listener `{name}` uses undefined pool `{}`", listener_config.pool.get_ref()))?;
+            let task = start_listener(&name, listener_config, socket, pool, self.shutdown_timeout)?;
+            tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
+            if let Some(old) = running.listeners.insert(name.clone(), task) {
+                report.listeners_changed.push(name.clone());
+                old.close();
+            } else if !running.config.listeners.is_empty() {
+                report.listeners_added.push(name.clone());
+            }
+        }
+        let removed: Vec<String> = running
+            .listeners
+            .keys()
+            .filter(|n| !config.listeners.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(old) = running.listeners.remove(&name) {
+                tracing::info!(listener = %name, "listener removed by reload; draining its connections");
+                old.close();
+                report.listeners_removed.push(name);
+            }
+        }
+        running.config = config;
+        Ok(report)
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), then
     /// closes what is left.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         tracing::info!(timeout = ?self.shutdown_timeout, "shutting down: no new connections, finishing in-flight requests");
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let mut running = self.running.lock().await;
+        let listeners = std::mem::take(&mut running.listeners);
+        let mut tasks = Vec::new();
+        for (_, listener) in listeners {
+            let _ = listener.stop.send(true);
+            tasks.push(listener.task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = self.stop_managers.send(true);
         tracing::info!("shutdown complete");
     }
 }
 
-/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so a restarted or second process
+impl ListenerTask {
+    /// Stops accepting; the task drains its connections in the background.
+    fn close(self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Whether two listener configs can share one running listener (spans are not compared).
+fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a == b
+}
+
+fn start_listener(
+    name: &str,
+    config: ListenerConfig,
+    socket: TcpListener,
+    pool: Arc<Pool>,
+    shutdown_timeout: Duration,
+) -> Result<ListenerTask> {
+    let address = socket.local_addr()?;
+    let bound = BoundListener {
+        name: name.to_string(),
+        address,
+        pool: config.pool.get_ref().clone(),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let proxy = Arc::new(HttpProxy::new(name, pool));
+    let task = tokio::spawn(serve_http(socket, proxy, config.clone(), stopped, shutdown_timeout));
+    Ok(ListenerTask {
+        config,
+        bound,
+        stop,
+        task,
+    })
+}
+
+/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so a reload or a second process
 /// can bind beside this one) and a deep backlog.
 fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -199,9 +361,7 @@ fn serve_connection(
         let proxy = proxy.clone();
         async move { proxy.handle(request, client).await }
     });
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
+    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {

@@ -94,7 +94,7 @@ pub enum ListenerProtocol {
 }
 
 /// `[listeners.NAME]`: one client-facing socket.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Address to bind, e.g. "0.0.0.0:80"; port 0 picks a free port.
@@ -131,7 +131,7 @@ fn default_max_header_bytes() -> usize {
 }
 
 /// `[pools.NAME]`: a set of interchangeable backends and how to spread load over them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Selection algorithm.
@@ -148,6 +148,13 @@ pub struct PoolConfig {
     /// How many different backends one request may be tried on (connect failures).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: usize,
+    /// A removed backend's in-flight requests may take this long before it is dropped.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: ConfigDuration,
+}
+
+fn default_drain_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
 }
 
 fn default_failure_backoff() -> ConfigDuration {
@@ -158,7 +165,7 @@ fn default_max_attempts() -> usize {
 }
 
 /// `[pools.NAME.timeouts]`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolTimeouts {
     /// TCP connect to a backend.

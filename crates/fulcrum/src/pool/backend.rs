@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_balance::Candidate;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ns;
 use crate::proxy::upstream::ConnectionPool;
@@ -25,8 +26,10 @@ pub struct BackendState {
     failures: AtomicU64,
     /// Until this clock reading (ns) the backend is skipped after a failed connect; 0 = not.
     down_until_ns: AtomicU64,
-    /// Enabled by the operator (false while draining or in maintenance).
-    enabled: AtomicBool,
+    /// The operator's say: [`AdminState`] as a number.
+    admin_state: AtomicU8,
+    /// The health checks' say (true when no checks are configured).
+    healthy: AtomicBool,
     /// Idle keep-alive connections to this backend.
     pub connections: ConnectionPool,
 }
@@ -43,7 +46,7 @@ impl Deref for Backend {
 }
 
 impl Backend {
-    /// A new, enabled backend with no history.
+    /// A new, active, healthy backend with no history.
     pub fn new(address: SocketAddr, weight: u32) -> Backend {
         Backend(Arc::new(BackendState {
             address,
@@ -53,7 +56,8 @@ impl Backend {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             down_until_ns: AtomicU64::new(0),
-            enabled: AtomicBool::new(true),
+            admin_state: AtomicU8::new(AdminState::Active as u8),
+            healthy: AtomicBool::new(true),
             connections: ConnectionPool::new(address),
         }))
     }
@@ -104,16 +108,78 @@ impl BackendState {
         until != 0 && now_ns() < until
     }
 
+    /// The operator's state for this backend.
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::from_u8(self.admin_state.load(Ordering::Relaxed))
+    }
+
+    /// Sets the operator's state.
+    pub fn set_admin_state(&self, state: AdminState) {
+        self.admin_state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Sets the configured weight (0 = no new traffic).
+    pub fn set_configured_weight(&self, weight: u32) {
+        self.configured_weight.store(weight, Ordering::Relaxed);
+    }
+
     /// Whether the operator lets the backend take new traffic.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.admin_state() == AdminState::Active
+    }
+
+    /// Whether health checks consider the backend up.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records the health checks' verdict; returns the previous one.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+
+    /// Effective weight: what balancers use.
+    pub fn effective_weight(&self) -> u32 {
+        self.configured_weight()
+    }
+}
+
+/// What the operator wants of a backend, independent of its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes traffic (when healthy).
+    Active = 0,
+    /// Takes no new traffic; in-flight requests finish.
+    #[serde(alias = "drain")]
+    Draining = 1,
+    /// Maintenance: takes no traffic, not health-checked into service.
+    Maint = 2,
+}
+
+impl AdminState {
+    fn from_u8(value: u8) -> AdminState {
+        match value {
+            0 => AdminState::Active,
+            1 => AdminState::Draining,
+            _ => AdminState::Maint,
+        }
+    }
+
+    /// The lower-case name used by the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Maint => "maint",
+        }
     }
 }
 
 impl Candidate for Backend {
     #[inline]
     fn weight(&self) -> u32 {
-        self.configured_weight()
+        self.effective_weight()
     }
     #[inline]
     fn in_flight(&self) -> u32 {
@@ -121,7 +187,7 @@ impl Candidate for Backend {
     }
     #[inline]
     fn is_eligible(&self) -> bool {
-        self.is_enabled() && !self.is_backed_off()
+        self.is_healthy() && self.is_enabled() && !self.is_backed_off()
     }
 }
 

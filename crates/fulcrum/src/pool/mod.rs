@@ -1,20 +1,24 @@
 //! Pools of backends: per-backend live state (atomics), the immutable snapshot that the data
-//! path reads without locks, and the pool that publishes new snapshots.
+//! path reads without locks, the pool that holds the current snapshot, and the manager task
+//! that is the only writer of it.
 
 mod backend;
+mod manager;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use fulcrum_balance::{Algorithm, Balancer, BuildOptions, Member, PickContext, Selector};
+use serde::Serialize;
 
-pub use backend::{Backend, BackendState, InFlightGuard};
+pub use backend::{AdminState, Backend, BackendState, InFlightGuard};
+pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
 use crate::config::PoolConfig;
 
 /// Settings of a pool that the data path needs per request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     /// The selection algorithm.
     pub algorithm: Algorithm,
@@ -28,6 +32,8 @@ pub struct PoolSettings {
     pub failure_backoff: Duration,
     /// Most backends one request is tried on.
     pub max_attempts: usize,
+    /// How long a removed backend's in-flight requests may take before it is dropped.
+    pub drain_timeout: Duration,
 }
 
 impl PoolSettings {
@@ -40,57 +46,65 @@ impl PoolSettings {
             idle_timeout: config.timeouts.idle.0,
             failure_backoff: config.failure_backoff.0,
             max_attempts: config.max_attempts,
+            drain_timeout: config.drain_timeout.0,
         }
     }
 }
 
-/// One consistent view of a pool: membership and the selector built for exactly that
-/// membership, published together so a reader never sees half an update.
+/// One consistent view of a pool: membership, the selector built for exactly that membership
+/// and the settings, published together so a reader never sees half an update.
 #[derive(Debug)]
 pub struct PoolSnapshot {
-    /// The backends eligible for selection, in selector order.
+    /// The backends that can be picked, in selector order.
     pub backends: Vec<Backend>,
     /// The selector built over `backends`.
     pub selector: Selector,
+    /// The pool's data-path settings.
+    pub settings: Arc<PoolSettings>,
+    /// Removed backends still finishing in-flight requests (never picked; shown in status).
+    pub retiring: Vec<Backend>,
+    /// The effective weights the selector was built with (to know when to rebuild).
+    pub built_weights: Vec<u32>,
 }
 
 impl PoolSnapshot {
     /// Builds a snapshot (and its selector) over `backends`.
-    pub fn build(algorithm: Algorithm, backends: Vec<Backend>) -> Self {
-        let ids: Vec<String> = backends.iter().map(|b| b.id.clone()).collect();
+    pub fn build(settings: Arc<PoolSettings>, backends: Vec<Backend>, retiring: Vec<Backend>) -> Self {
+        let built_weights: Vec<u32> = backends.iter().map(|b| b.effective_weight()).collect();
         let members: Vec<Member<'_>> = backends
             .iter()
-            .zip(&ids)
-            .map(|(b, id)| Member {
-                id,
-                weight: b.configured_weight(),
-            })
+            .zip(&built_weights)
+            .map(|(b, &weight)| Member { id: &b.id, weight })
             .collect();
-        let selector = Selector::build(algorithm, &members, &BuildOptions::default());
-        PoolSnapshot { backends, selector }
+        let selector = Selector::build(settings.algorithm, &members, &BuildOptions::default());
+        PoolSnapshot {
+            backends,
+            selector,
+            settings,
+            retiring,
+            built_weights,
+        }
     }
 
-    /// Picks a backend for a request; `excluded` are indexes already tried.
+    /// Picks a backend for a request; `ctx.excluded` are indexes already tried.
     #[inline]
     pub fn pick(&self, ctx: &PickContext<'_>) -> Option<usize> {
         self.selector.pick(&self.backends, ctx)
     }
 }
 
-/// A named pool: its settings and the current snapshot, swapped atomically on change.
+/// A named pool: the current snapshot, swapped atomically by the pool's manager.
 #[derive(Debug)]
 pub struct Pool {
     /// The pool's name in the config.
     pub name: String,
-    /// Data-path settings.
-    pub settings: PoolSettings,
     snapshot: ArcSwap<PoolSnapshot>,
 }
 
 impl Pool {
-    /// Creates the pool described by `config`.
+    /// Creates the pool described by `config` (the caller starts its manager).
     pub fn from_config(name: &str, config: &PoolConfig) -> Arc<Pool> {
-        let settings = PoolSettings::from_config(config);
+        let settings = Arc::new(PoolSettings::from_config(config));
         let backends = config
             .backends
             .get_ref()
@@ -99,8 +113,7 @@ impl Pool {
             .collect();
         Arc::new(Pool {
             name: name.to_string(),
-            snapshot: ArcSwap::from_pointee(PoolSnapshot::build(settings.algorithm, backends)),
-            settings,
+            snapshot: ArcSwap::from_pointee(PoolSnapshot::build(settings, backends, Vec::new())),
         })
     }
 
@@ -110,8 +123,76 @@ impl Pool {
         self.snapshot.load()
     }
 
-    /// Publishes a new snapshot. Only the pool's owner (its manager) calls this.
-    pub fn publish(&self, snapshot: PoolSnapshot) {
+    /// Publishes a new snapshot. Only the pool's manager calls this.
+    pub(crate) fn publish(&self, snapshot: PoolSnapshot) {
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// A JSON-ready view of the pool and every backend, retiring ones included.
+    pub fn status(&self) -> PoolStatus {
+        let snapshot = self.snapshot();
+        PoolStatus {
+            name: self.name.clone(),
+            algorithm: snapshot.settings.algorithm.name(),
+            backends: snapshot
+                .backends
+                .iter()
+                .map(|b| BackendStatus::of(b, false))
+                .chain(snapshot.retiring.iter().map(|b| BackendStatus::of(b, true)))
+                .collect(),
+        }
+    }
+}
+
+/// A pool as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// Selection algorithm.
+    pub algorithm: &'static str,
+    /// Every backend.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// A backend as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    /// Address.
+    pub address: String,
+    /// Weight from config or API.
+    pub weight: u32,
+    /// Weight balancers use now.
+    pub effective_weight: u32,
+    /// active / draining / maint (a removed backend finishing its requests shows draining).
+    pub state: &'static str,
+    /// up / down per health checks.
+    pub health: &'static str,
+    /// Whether it is skipped for now after failed connects.
+    pub backed_off: bool,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Requests sent since start.
+    pub requests: u64,
+    /// Failures seen since start.
+    pub failures: u64,
+    /// Removed from the pool, finishing in-flight requests.
+    pub removing: bool,
+}
+
+impl BackendStatus {
+    fn of(backend: &Backend, removing: bool) -> Self {
+        BackendStatus {
+            address: backend.id.clone(),
+            weight: backend.configured_weight(),
+            effective_weight: backend.effective_weight(),
+            state: if removing { "draining" } else { backend.admin_state().name() },
+            health: if backend.is_healthy() { "up" } else { "down" },
+            backed_off: backend.is_backed_off(),
+            in_flight: backend.in_flight_count(),
+            requests: backend.request_count(),
+            failures: backend.failure_count(),
+            removing,
+        }
     }
 }

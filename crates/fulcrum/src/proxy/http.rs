@@ -15,7 +15,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::now_ns;
-use crate::pool::{Backend, Pool};
+use crate::pool::{Backend, Pool, PoolSettings};
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::{add_forwarded, remove_hop_by_hop};
 use crate::proxy::upstream::UpstreamConnection;
@@ -79,8 +79,8 @@ impl HttpProxy {
 
     async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let pool = &self.pool;
-        let settings = &pool.settings;
         let snapshot = pool.snapshot();
+        let settings = &*snapshot.settings;
         let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
         // A request that reached a backend may be sent again elsewhere only when it is
         // idempotent and has no body: keep its head for that.
@@ -117,7 +117,7 @@ impl HttpProxy {
                     continue;
                 }
             };
-            match self.exchange(backend, connection, request).await {
+            match self.exchange(backend, settings, connection, request).await {
                 Exchange::Answered(response) => return response,
                 Exchange::Unsent(unsent) => request = unsent,
                 Exchange::Failed(response) => match &replay {
@@ -144,10 +144,10 @@ impl HttpProxy {
     async fn exchange(
         &self,
         backend: &Backend,
+        settings: &PoolSettings,
         mut connection: UpstreamConnection,
         mut request: Request<RequestBody>,
     ) -> Exchange {
-        let settings = &self.pool.settings;
         let guard = backend.start_request();
         loop {
             let sent = tokio::time::timeout(

@@ -28,6 +28,8 @@ pub struct Proc {
     pub listeners: HashMap<String, SocketAddr>,
     /// Where the process's stderr (its logs) goes.
     pub log_path: PathBuf,
+    /// The config file of a `fulcrum run` (rewrite it and send HUP to reload).
+    pub config_path: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -74,6 +76,11 @@ impl Proc {
     /// The process's log output so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The admin API's base URL (`fulcrum run` only).
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.listeners["admin"])
     }
 
     /// Peak resident memory (VmHWM) in KiB.
@@ -150,6 +157,7 @@ fn spawn(
         addr: first.expect("a listener"),
         listeners,
         log_path,
+        config_path: None,
         _dir: dir,
     }
 }
@@ -194,12 +202,15 @@ pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
 pub fn balancer_with(config: &str, listeners: usize) -> Proc {
     let (dir, path) = write_config(config);
     let log_dir = dir.path().to_path_buf();
-    spawn(
+    // Every listener prints a readiness line, then the admin API ("listening admin ...").
+    let mut proc = spawn(
         &["run", "--config", path.to_str().unwrap()],
-        listeners,
+        listeners + 1,
         Some(dir),
         &log_dir,
-    )
+    );
+    proc.config_path = Some(path);
+    proc
 }
 
 /// Starts `fulcrum run` with one HTTP listener `web` on port 0 in front of `backends`.

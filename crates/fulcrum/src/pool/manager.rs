@@ -1,0 +1,352 @@
+//! The pool manager: one task per pool, the only writer of its snapshot. The admin API, config
+//! reload, discovery and the autoscaler send it [`PoolCommand`]s; it validates, applies,
+//! publishes a new snapshot, and records an event for every change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{AdminState, Backend, Pool, PoolSettings, PoolSnapshot};
+use crate::config::PoolConfig;
+use crate::events::EventLog;
+
+/// How often the manager looks at draining backends and changed effective weights.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// No backend with this address in the pool.
+    #[error("backend {0} is not in the pool")]
+    NotFound(SocketAddr),
+    /// A backend with this address is already in the pool.
+    #[error("backend {0} is already in the pool")]
+    AlreadyExists(SocketAddr),
+    /// The manager has stopped (shutdown in progress).
+    #[error("the pool is shutting down")]
+    Stopped,
+}
+
+/// A change to a pool.
+#[derive(Debug)]
+pub enum PoolCommand {
+    /// Add a backend.
+    Add {
+        /// Its address.
+        address: SocketAddr,
+        /// Its weight.
+        weight: u32,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), PoolError>>,
+    },
+    /// Change a backend's weight and/or admin state.
+    Update {
+        /// Which backend.
+        address: SocketAddr,
+        /// New weight, if changing.
+        weight: Option<u32>,
+        /// New admin state, if changing.
+        state: Option<AdminState>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), PoolError>>,
+    },
+    /// Remove a backend: at once (`now`) or after its in-flight requests finish.
+    Remove {
+        /// Which backend.
+        address: SocketAddr,
+        /// Skip the drain.
+        now: bool,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), PoolError>>,
+    },
+    /// Apply a new configuration of this pool (reload).
+    Reconfigure {
+        /// The pool's new config.
+        config: Box<PoolConfig>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<(), PoolError>>,
+    },
+}
+
+/// A cloneable handle to send commands to a pool's manager and read the pool.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    /// The pool (for reading snapshots and status).
+    pub pool: Arc<Pool>,
+    commands: mpsc::Sender<PoolCommand>,
+}
+
+impl PoolHandle {
+    async fn send(&self, make: impl FnOnce(oneshot::Sender<Result<(), PoolError>>) -> PoolCommand) -> Result<(), PoolError> {
+        let (reply, outcome) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| PoolError::Stopped)?;
+        outcome.await.map_err(|_| PoolError::Stopped)?
+    }
+
+    /// Adds a backend.
+    pub async fn add(&self, address: SocketAddr, weight: u32) -> Result<(), PoolError> {
+        self.send(|reply| PoolCommand::Add { address, weight, reply }).await
+    }
+
+    /// Changes a backend's weight and/or admin state.
+    pub async fn update(&self, address: SocketAddr, weight: Option<u32>, state: Option<AdminState>) -> Result<(), PoolError> {
+        self.send(|reply| PoolCommand::Update {
+            address,
+            weight,
+            state,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a backend (drains first unless `now`).
+    pub async fn remove(&self, address: SocketAddr, now: bool) -> Result<(), PoolError> {
+        self.send(|reply| PoolCommand::Remove { address, now, reply }).await
+    }
+
+    /// Applies a reloaded configuration of this pool.
+    pub async fn reconfigure(&self, config: PoolConfig) -> Result<(), PoolError> {
+        self.send(|reply| PoolCommand::Reconfigure {
+            config: Box::new(config),
+            reply,
+        })
+        .await
+    }
+}
+
+/// A removed backend finishing its in-flight requests.
+#[derive(Debug)]
+struct Retiring {
+    backend: Backend,
+    deadline: Instant,
+}
+
+/// The task that owns a pool's membership.
+pub struct PoolManager {
+    pool: Arc<Pool>,
+    settings: Arc<PoolSettings>,
+    members: Vec<Backend>,
+    retiring: Vec<Retiring>,
+    /// Backends and weights as the config file last listed them (reload rule: the file wins
+    /// only for backends whose entry in the file changed).
+    from_file: HashMap<SocketAddr, u32>,
+    events: Arc<EventLog>,
+}
+
+impl PoolManager {
+    /// Starts the manager of `pool` (created from `config`); it stops when `stop` turns true.
+    pub fn spawn(pool: Arc<Pool>, config: &PoolConfig, events: Arc<EventLog>, stop: watch::Receiver<bool>) -> PoolHandle {
+        let snapshot = pool.snapshot();
+        let manager = PoolManager {
+            pool: pool.clone(),
+            settings: snapshot.settings.clone(),
+            members: snapshot.backends.clone(),
+            retiring: Vec::new(),
+            from_file: file_backends(config),
+            events,
+        };
+        drop(snapshot);
+        // Commands are rare (operators, reloads, discovery); a short queue applies back-pressure.
+        let (commands, receiver) = mpsc::channel(64);
+        tokio::spawn(manager.run(receiver, stop));
+        PoolHandle { pool, commands }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<PoolCommand>, mut stop: watch::Receiver<bool>) {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.apply(command),
+                    None => break,
+                },
+                _ = housekeeping.tick() => self.housekeeping(),
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    fn position(&self, address: SocketAddr) -> Option<usize> {
+        self.members.iter().position(|b| b.address == address)
+    }
+
+    fn apply(&mut self, command: PoolCommand) {
+        match command {
+            PoolCommand::Add { address, weight, reply } => {
+                let _ = reply.send(self.add(address, weight));
+            }
+            PoolCommand::Update {
+                address,
+                weight,
+                state,
+                reply,
+            } => {
+                let _ = reply.send(self.update(address, weight, state));
+            }
+            PoolCommand::Remove { address, now, reply } => {
+                let _ = reply.send(self.remove(address, now));
+            }
+            PoolCommand::Reconfigure { config, reply } => {
+                self.reconfigure(&config);
+                let _ = reply.send(Ok(()));
+            }
+        }
+        self.publish();
+    }
+
+    fn add(&mut self, address: SocketAddr, weight: u32) -> Result<(), PoolError> {
+        if self.position(address).is_some() {
+            return Err(PoolError::AlreadyExists(address));
+        }
+        // A backend coming back while its old self still drains: take the old state back.
+        let backend = match self.retiring.iter().position(|r| r.backend.address == address) {
+            Some(i) => {
+                let backend = self.retiring.swap_remove(i).backend;
+                backend.set_configured_weight(weight);
+                backend.set_admin_state(AdminState::Active);
+                backend
+            }
+            None => Backend::new(address, weight),
+        };
+        self.members.push(backend);
+        self.record("backend_added", address, format!("backend {address} added with weight {weight}"));
+        Ok(())
+    }
+
+    fn update(&mut self, address: SocketAddr, weight: Option<u32>, state: Option<AdminState>) -> Result<(), PoolError> {
+        let index = self.position(address).ok_or(PoolError::NotFound(address))?;
+        let backend = self.members[index].clone();
+        if let Some(weight) = weight {
+            let old = backend.configured_weight();
+            backend.set_configured_weight(weight);
+            self.record("backend_weight", address, format!("backend {address} weight {old} -> {weight}"));
+        }
+        if let Some(state) = state {
+            let old = backend.admin_state();
+            backend.set_admin_state(state);
+            self.record(
+                "backend_state",
+                address,
+                format!("backend {address} state {} -> {}", old.name(), state.name()),
+            );
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, address: SocketAddr, now: bool) -> Result<(), PoolError> {
+        let index = self.position(address).ok_or(PoolError::NotFound(address))?;
+        let backend = self.members.remove(index);
+        if now || backend.in_flight_count() == 0 {
+            self.record("backend_removed", address, format!("backend {address} removed"));
+        } else {
+            self.record(
+                "backend_draining",
+                address,
+                format!(
+                    "backend {address} draining {} in-flight request(s) before removal",
+                    backend.in_flight_count()
+                ),
+            );
+            self.retiring.push(Retiring {
+                backend,
+                deadline: Instant::now() + self.settings.drain_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a reloaded config: new backends join, backends gone from the file drain,
+    /// weights changed in the file apply; backends and weights set through the API on entries
+    /// the file did not change are kept.
+    fn reconfigure(&mut self, config: &PoolConfig) {
+        let new_file = file_backends(config);
+        let new_settings = Arc::new(PoolSettings::from_config(config));
+        if *new_settings != *self.settings {
+            self.settings = new_settings;
+            self.events
+                .record("pool_settings", Some(&self.pool.name), None, "pool settings changed by reload");
+        }
+        let old_file = std::mem::take(&mut self.from_file);
+        for (address, old_weight) in &old_file {
+            if !new_file.contains_key(address) && self.position(*address).is_some() {
+                let _ = self.remove(*address, false);
+            } else if let Some(&new_weight) = new_file.get(address) {
+                if new_weight != *old_weight {
+                    let _ = self.update(*address, Some(new_weight), None);
+                }
+            }
+        }
+        for (address, weight) in &new_file {
+            if !old_file.contains_key(address) {
+                match self.position(*address) {
+                    Some(_) => {
+                        let _ = self.update(*address, Some(*weight), None);
+                    }
+                    None => {
+                        let _ = self.add(*address, *weight);
+                    }
+                }
+            }
+        }
+        self.from_file = new_file;
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let before = self.retiring.len();
+        let events = self.events.clone();
+        let pool = self.pool.name.clone();
+        self.retiring.retain(|r| {
+            let in_flight = r.backend.in_flight_count();
+            if in_flight == 0 {
+                events.record("backend_removed", Some(&pool), Some(&r.backend.id), format!("backend {} drained and removed", r.backend.id));
+                false
+            } else if now >= r.deadline {
+                events.record(
+                    "backend_removed",
+                    Some(&pool),
+                    Some(&r.backend.id),
+                    format!("backend {} removed at drain timeout with {in_flight} request(s) still in flight", r.backend.id),
+                );
+                false
+            } else {
+                true
+            }
+        });
+        let weights_changed = {
+            let snapshot = self.pool.snapshot();
+            snapshot
+                .backends
+                .iter()
+                .zip(&snapshot.built_weights)
+                .any(|(b, &w)| b.effective_weight() != w)
+        };
+        if weights_changed || before != self.retiring.len() {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let retiring = self.retiring.iter().map(|r| r.backend.clone()).collect();
+        self.pool
+            .publish(PoolSnapshot::build(self.settings.clone(), self.members.clone(), retiring));
+    }
+
+    fn record(&self, kind: &'static str, address: SocketAddr, message: String) {
+        self.events
+            .record(kind, Some(&self.pool.name), Some(&address.to_string()), message);
+    }
+}
+
+fn file_backends(config: &PoolConfig) -> HashMap<SocketAddr, u32> {
+    config
+        .backends
+        .get_ref()
+        .iter()
+        .map(|b| (b.get_ref().address, b.get_ref().weight))
+        .collect()
+}
