@@ -293,3 +293,164 @@ pub async fn spread(
     }
     (counts, failures)
 }
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// X-Backend → requests answered 200.
+    pub counts: HashMap<String, usize>,
+    /// X-Backend → when it first answered.
+    pub first_seen: HashMap<String, std::time::Instant>,
+    /// X-Backend → when the latest request it answered was sent.
+    pub last_sent: HashMap<String, std::time::Instant>,
+    /// Non-200 answers and transport errors.
+    pub failures: Vec<String>,
+}
+
+impl LoadReport {
+    /// Total successful requests.
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+}
+
+/// Continuous GET load from `concurrency` clients until stopped (bounded by `max_duration`).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    report: std::sync::Arc<std::sync::Mutex<LoadReport>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    /// Starts the load against `url`.
+    pub fn start(url: &str, concurrency: usize, max_duration: Duration) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = std::sync::Arc::new(std::sync::Mutex::new(LoadReport::default()));
+        let deadline = std::time::Instant::now() + max_duration;
+        let mut tasks = tokio::task::JoinSet::new();
+        let client = client();
+        for _ in 0..concurrency {
+            let (client, url, stop, report) = (
+                client.clone(),
+                url.to_string(),
+                stop.clone(),
+                report.clone(),
+            );
+            tasks.spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < deadline
+                {
+                    let sent = std::time::Instant::now();
+                    let outcome = client.get(&url).send().await;
+                    let now = std::time::Instant::now();
+                    let mut report = report.lock().unwrap();
+                    match outcome {
+                        Ok(response) if response.status() == 200 => {
+                            let name = response
+                                .headers()
+                                .get("x-backend")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("?")
+                                .to_string();
+                            *report.counts.entry(name.clone()).or_default() += 1;
+                            report.first_seen.entry(name.clone()).or_insert(now);
+                            report.last_sent.insert(name, sent);
+                        }
+                        Ok(response) => report
+                            .failures
+                            .push(format!("status {}", response.status())),
+                        Err(error) => report.failures.push(format!("error {error}")),
+                    }
+                }
+            });
+        }
+        Load {
+            stop,
+            report,
+            tasks,
+        }
+    }
+
+    /// Requests answered by `backend` so far.
+    pub fn count(&self, backend: &str) -> usize {
+        self.report
+            .lock()
+            .unwrap()
+            .counts
+            .get(backend)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Total successful requests so far.
+    pub fn total(&self) -> usize {
+        self.report.lock().unwrap().total()
+    }
+
+    /// Waits (bounded by `timeout`) until `condition` holds on the report so far.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&LoadReport) -> bool,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if condition(&self.report.lock().unwrap()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        condition(&self.report.lock().unwrap())
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub async fn stop(mut self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        std::mem::take(&mut self.report.lock().unwrap())
+    }
+}
+
+/// Waits (bounded) until `probe` returns true, polling every 10 ms.
+pub async fn eventually<F, Fut>(timeout: Duration, mut probe: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if probe().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// GETs an admin API path and parses the JSON answer.
+pub async fn admin_get(lb: &Proc, path: &str) -> serde_json::Value {
+    let response = client()
+        .get(format!("{}{path}", lb.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "GET {path}: {}",
+        response.status()
+    );
+    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+}
+
+/// The backends of pool `app` as the admin API shows them: address → JSON.
+pub async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
+    let pool = admin_get(lb, "/api/pools/app").await;
+    pool["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_string(), b.clone()))
+        .collect()
+}

@@ -1,0 +1,327 @@
+//! End-to-end: the admin API, drain, reload — under continuous load, nothing lost.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_added_through_api_takes_traffic_within_a_second() {
+    let (a, b, c) = (backend("a", 0), backend("b", 0), backend("c", 0));
+    let lb = balancer(&[(a.addr, 1), (b.addr, 1)], "algorithm = \"round_robin\"");
+    let load = Load::start(&format!("http://{}/", lb.addr), 32, Duration::from_secs(20));
+    assert!(
+        load.wait_for(Duration::from_secs(5), |r| r.total() > 100)
+            .await
+    );
+    let added_at = Instant::now();
+    let response = client()
+        .post(format!("{}/api/pools/app/backends", lb.admin_url()))
+        .json_body(&json!({ "address": c.addr.to_string(), "weight": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(
+        load.wait_for(Duration::from_secs(5), |r| r.counts.contains_key("c"))
+            .await
+    );
+    let report = load.stop().await;
+    let took = report.first_seen["c"] - added_at;
+    assert!(
+        took < Duration::from_secs(1),
+        "new backend took {took:?} to get traffic"
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let events = admin_get(&lb, "/api/events").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "backend_added"),
+        "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_backend_lets_its_slow_request_finish() {
+    let (a, b) = (backend("a", 0), backend("b", 0));
+    let lb = balancer(&[(a.addr, 1), (b.addr, 1)], "algorithm = \"round_robin\"");
+    // Two slow requests: round robin puts one on each backend.
+    let slow_url = format!("http://{}/?delay_ms=1500", lb.addr);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = slow_url.clone();
+            tokio::spawn(async move { client().get(url).send().await })
+        })
+        .collect();
+    let a_addr = a.addr.to_string();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app_backends(&lb).await[&a_addr]["in_flight"] == 1
+        })
+        .await
+    );
+    let load = Load::start(&format!("http://{}/", lb.addr), 32, Duration::from_secs(20));
+    let response = client()
+        .delete(format!(
+            "{}/api/pools/app/backends/{}",
+            lb.admin_url(),
+            a.addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let removed_at = Instant::now();
+    // While draining it is listed as draining with its request still in flight.
+    let status = app_backends(&lb).await;
+    assert_eq!(status[&a_addr]["state"], "draining", "{status:?}");
+    for request in slow {
+        let response = request.await.unwrap().expect("slow request completed");
+        assert_eq!(response.status(), 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            !app_backends(&lb).await.contains_key(&a_addr)
+        })
+        .await,
+        "drained backend still listed"
+    );
+    let report = load.stop().await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    if let Some(last) = report.last_sent.get("a") {
+        assert!(
+            *last <= removed_at,
+            "backend a got a request sent after its removal"
+        );
+    }
+    assert!(report.counts["b"] > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_swapping_backends_loses_nothing() {
+    let olds = [backend("a", 0), backend("b", 0), backend("c", 0)];
+    let news = [backend("d", 0), backend("e", 0)];
+    let before = [(olds[0].addr, 1), (olds[1].addr, 1), (olds[2].addr, 1)];
+    let after = [(olds[0].addr, 1), (news[0].addr, 1), (news[1].addr, 1)];
+    let lb = balancer(&before, "algorithm = \"round_robin\"");
+    let load = Load::start(&format!("http://{}/", lb.addr), 32, Duration::from_secs(20));
+    assert!(
+        load.wait_for(Duration::from_secs(5), |r| r.counts.len() == 3)
+            .await
+    );
+    std::fs::write(
+        lb.config_path.as_ref().unwrap(),
+        config_for(&after, "algorithm = \"round_robin\""),
+    )
+    .unwrap();
+    lb.signal("HUP");
+    assert!(
+        load.wait_for(Duration::from_secs(5), |r| r.counts.contains_key("d")
+            && r.counts.contains_key("e"))
+            .await,
+        "new backends never got traffic: {}",
+        lb.logs()
+    );
+    let status = app_backends(&lb).await;
+    let report = load.stop().await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(
+        !status.contains_key(&olds[1].addr.to_string())
+            || status[&olds[1].addr.to_string()]["removing"] == true
+    );
+    let events = admin_get(&lb, "/api/events").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reload"),
+        "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reload_keeps_the_old_config_serving() {
+    let a = backend("a", 0);
+    let lb = balancer(&[(a.addr, 1)], "");
+    let path = lb.config_path.clone().unwrap();
+    std::fs::write(
+        &path,
+        "[listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"nope\"\n",
+    )
+    .unwrap();
+    let response = client()
+        .post(format!("{}/api/reload", lb.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body = response.text().await.unwrap();
+    assert!(body.contains(&format!("{}:3:8", path.display())), "{body}");
+    // Still serving with the old config.
+    let response = client()
+        .get(format!("http://{}/", lb.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // SIGHUP with the same bad file: logged, still serving.
+    lb.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            lb.logs().contains("reload refused")
+        })
+        .await
+    );
+    let response = client()
+        .get(format!("http://{}/", lb.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = admin_get(&lb, "/api/events").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reload_failed"),
+        "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_admin_requires_the_token() {
+    let a = backend("a", 0);
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"0.0.0.0:0\"\ntoken = \"t0ken\"",
+    );
+    let lb = balancer_with(&config, 1);
+    let url = format!(
+        "http://127.0.0.1:{}/api/pools",
+        lb.listeners["admin"].port()
+    );
+    let client = client();
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+    let wrong = client
+        .get(&url)
+        .header("authorization", "Bearer nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = client
+        .get(&url)
+        .header("authorization", "Bearer t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+
+    // Without a token, a public admin address is refused at start.
+    let (_dir, path) = write_config(&config.replace("token = \"t0ken\"\n", ""));
+    let output = std::process::Command::new(fulcrum_bin())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_validates_input_and_applies_weight_and_drain() {
+    let (a, b) = (backend("a", 0), backend("b", 0));
+    let lb = balancer(&[(a.addr, 1), (b.addr, 1)], "algorithm = \"round_robin\"");
+    let api = lb.admin_url();
+    let client = client();
+    let bad = client
+        .post(format!("{api}/api/pools/app/backends"))
+        .json_body(&json!({ "address": "127.0.0.1:1", "wieght": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = serde_json::from_slice(&bad.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["field"], "wieght", "{body}");
+    let bad = client
+        .post(format!("{api}/api/pools/app/backends"))
+        .json_body(&json!({ "address": "nowhere" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = serde_json::from_slice(&bad.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["field"], "address", "{body}");
+    let missing = client
+        .get(format!("{api}/api/pools/none"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let missing = client
+        .patch(format!("{api}/api/pools/app/backends/127.0.0.1:1"))
+        .json_body(&json!({ "weight": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let duplicate = client
+        .post(format!("{api}/api/pools/app/backends"))
+        .json_body(&json!({ "address": a.addr.to_string() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(duplicate.status(), 409);
+
+    // Weight 3:1 through the API.
+    let patched = client
+        .patch(format!("{api}/api/pools/app/backends/{}", a.addr))
+        .json_body(&json!({ "weight": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app_backends(&lb).await[&a.addr.to_string()]["effective_weight"] == 3
+        })
+        .await
+    );
+    let (counts, failures) = spread(&format!("http://{}/", lb.addr), 400, 4).await;
+    assert!(failures.is_empty());
+    assert_eq!((counts["a"], counts["b"]), (300, 100), "{counts:?}");
+
+    // Drain: no new traffic to a.
+    let drained = client
+        .patch(format!("{api}/api/pools/app/backends/{}", a.addr))
+        .json_body(&json!({ "state": "drain" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    let (counts, failures) = spread(&format!("http://{}/", lb.addr), 200, 4).await;
+    assert!(failures.is_empty());
+    assert_eq!(counts.get("a"), None, "{counts:?}");
+    assert_eq!(
+        app_backends(&lb).await[&a.addr.to_string()]["state"],
+        "draining"
+    );
+}
+
+/// JSON request bodies without reqwest's `json` feature.
+trait JsonBody {
+    fn json_body(self, value: &serde_json::Value) -> Self;
+}
+
+impl JsonBody for reqwest::RequestBuilder {
+    fn json_body(self, value: &serde_json::Value) -> Self {
+        self.header("content-type", "application/json")
+            .body(value.to_string())
+    }
+}
