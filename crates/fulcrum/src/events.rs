@@ -46,9 +46,20 @@ impl Default for EventLog {
 
 impl EventLog {
     /// Records an event and logs it at info level.
-    pub fn record(&self, kind: &'static str, pool: Option<&str>, backend: Option<&str>, message: impl Into<String>) {
+    pub fn record(
+        &self,
+        kind: &'static str,
+        pool: Option<&str>,
+        backend: Option<&str>,
+        message: impl Into<String>,
+    ) {
         let message = message.into();
-        tracing::info!(event = kind, pool = pool.unwrap_or(""), backend = backend.unwrap_or(""), "{message}");
+        tracing::info!(
+            event = kind,
+            pool = pool.unwrap_or(""),
+            backend = backend.unwrap_or(""),
+            "{message}"
+        );
         let at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

@@ -156,7 +156,13 @@ async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
     let admin = config.admin.clone();
     let server = Server::start(config, path.map(Path::to_path_buf)).await?;
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_address = fulcrum::admin::start(admin.listen.get_ref().0, admin.token, server.clone(), admin_stopped).await?;
+    let admin_address = fulcrum::admin::start(
+        admin.listen.get_ref().0,
+        admin.token,
+        server.clone(),
+        admin_stopped,
+    )
+    .await?;
     for listener in server.listeners().await {
         println!(
             "listening {} http://{} pool={}",

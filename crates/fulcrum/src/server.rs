@@ -102,7 +102,11 @@ impl Server {
     /// The bound listeners.
     pub async fn listeners(&self) -> Vec<BoundListener> {
         let running = self.running.lock().await;
-        running.listeners.values().map(|l| l.bound.clone()).collect()
+        running
+            .listeners
+            .values()
+            .map(|l| l.bound.clone())
+            .collect()
     }
 
     /// The pools by name, with handles to change them (lock-free read).
@@ -131,10 +135,18 @@ impl Server {
             Err(error) => Err(anyhow::Error::new(error)),
         };
         match &outcome {
-            Ok(report) => self.events.record("reload", None, None, format!("reload applied: {report:?}")),
+            Ok(report) => {
+                self.events
+                    .record("reload", None, None, format!("reload applied: {report:?}"))
+            }
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "reload refused; the previous configuration keeps running");
-                self.events.record("reload_failed", None, None, format!("reload refused: {error:#}"));
+                self.events.record(
+                    "reload_failed",
+                    None,
+                    None,
+                    format!("reload refused: {error:#}"),
+                );
             }
         }
         outcome
@@ -156,10 +168,17 @@ impl Server {
         // Bind every new or changed listener first: if one fails, nothing changes.
         let mut to_start = Vec::new();
         for (name, listener) in &config.listeners {
-            let unchanged = running.listeners.get(name).is_some_and(|old| same_listener(&old.config, listener));
+            let unchanged = running
+                .listeners
+                .get(name)
+                .is_some_and(|old| same_listener(&old.config, listener));
             if !unchanged {
-                let socket = bind(listener.listen.0)
-                    .with_context(|| format!("cannot listen on {} for listener `{name}`", listener.listen.0))?;
+                let socket = bind(listener.listen.0).with_context(|| {
+                    format!(
+                        "cannot listen on {} for listener `{name}`",
+                        listener.listen.0
+                    )
+                })?;
                 to_start.push((name.clone(), listener.clone(), socket));
             }
         }
@@ -179,7 +198,12 @@ impl Server {
                 }
                 None => {
                     let pool = Pool::from_config(name, pool_config);
-                    let handle = PoolManager::spawn(pool, pool_config, self.events.clone(), self.stop_managers.subscribe());
+                    let handle = PoolManager::spawn(
+                        pool,
+                        pool_config,
+                        self.events.clone(),
+                        self.stop_managers.subscribe(),
+                    );
                     pools.insert(name.clone(), handle);
                     if !running.config.pools.is_empty() {
                         report.pools_added.push(name.clone());
@@ -187,7 +211,11 @@ impl Server {
                 }
             }
         }
-        report.pools_removed = old_pools.keys().filter(|n| !pools.contains_key(*n)).cloned().collect();
+        report.pools_removed = old_pools
+            .keys()
+            .filter(|n| !pools.contains_key(*n))
+            .cloned()
+            .collect();
         self.pools.store(Arc::new(pools));
         let pools = self.pools.load_full();
 
@@ -195,7 +223,12 @@ impl Server {
             let pool = pools
                 .get(listener_config.pool.get_ref())
                 .map(|h| h.pool.clone())
-                .with_context(|| format!("listener `{name}` uses undefined pool `{}`", listener_config.pool.get_ref()))?;
+                .with_context(|| {
+                    format!(
+                        "listener `{name}` uses undefined pool `{}`",
+                        listener_config.pool.get_ref()
+                    )
+                })?;
             let task = start_listener(&name, listener_config, socket, pool, self.shutdown_timeout)?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
             if let Some(old) = running.listeners.insert(name.clone(), task) {
@@ -268,7 +301,13 @@ fn start_listener(
     };
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(HttpProxy::new(name, pool));
-    let task = tokio::spawn(serve_http(socket, proxy, config.clone(), stopped, shutdown_timeout));
+    let task = tokio::spawn(serve_http(
+        socket,
+        proxy,
+        config.clone(),
+        stopped,
+        shutdown_timeout,
+    ));
     Ok(ListenerTask {
         config,
         bound,
@@ -281,7 +320,11 @@ fn start_listener(
 /// can bind beside this one) and a deep backlog.
 fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -361,7 +404,9 @@ fn serve_connection(
         let proxy = proxy.clone();
         async move { proxy.handle(request, client).await }
     });
-    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {

@@ -18,7 +18,11 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Middleware: when a token is configured, refuses calls without `Authorization: Bearer TOKEN`.
-pub async fn require_token(State(token): State<Arc<Option<String>>>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(token): State<Arc<Option<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if let Some(token) = token.as_deref() {
         let presented = request
             .headers()

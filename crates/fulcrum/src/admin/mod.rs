@@ -92,8 +92,12 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 fn parse_address(text: &str) -> Result<SocketAddr, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::field("address", format!("invalid address \"{text}\": expected IP:PORT")))
+    text.parse().map_err(|_| {
+        ApiError::field(
+            "address",
+            format!("invalid address \"{text}\": expected IP:PORT"),
+        )
+    })
 }
 
 fn pool(server: &Server, name: &str) -> Result<PoolHandle, ApiError> {
@@ -127,12 +131,20 @@ fn one() -> u32 {
     1
 }
 
-async fn add_backend(State(server): State<Arc<Server>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+async fn add_backend(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let handle = pool(&server, &name)?;
     let request: AddBackend = parse_body(&body)?;
     let address = parse_address(&request.address)?;
     handle.add(address, request.weight).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "added": address.to_string(), "weight": request.weight }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "added": address.to_string(), "weight": request.weight })),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -151,9 +163,14 @@ async fn update_backend(
     let address = parse_address(&address)?;
     let request: UpdateBackend = parse_body(&body)?;
     if request.weight.is_none() && request.state.is_none() {
-        return Err(ApiError::field("weight", "nothing to change: give `weight` and/or `state`"));
+        return Err(ApiError::field(
+            "weight",
+            "nothing to change: give `weight` and/or `state`",
+        ));
     }
-    handle.update(address, request.weight, request.state).await?;
+    handle
+        .update(address, request.weight, request.state)
+        .await?;
     Ok(Json(json!({ "updated": address.to_string() })).into_response())
 }
 
@@ -171,8 +188,16 @@ async fn remove_backend(
     let handle = pool(&server, &name)?;
     let address = parse_address(&address)?;
     handle.remove(address, query.now).await?;
-    let status = if query.now { StatusCode::OK } else { StatusCode::ACCEPTED };
-    Ok((status, Json(json!({ "removed": address.to_string(), "drained": !query.now }))).into_response())
+    let status = if query.now {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(json!({ "removed": address.to_string(), "drained": !query.now })),
+    )
+        .into_response())
 }
 
 async fn reload(State(server): State<Arc<Server>>) -> ApiResult {

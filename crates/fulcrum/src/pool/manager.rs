@@ -80,19 +80,35 @@ pub struct PoolHandle {
 }
 
 impl PoolHandle {
-    async fn send(&self, make: impl FnOnce(oneshot::Sender<Result<(), PoolError>>) -> PoolCommand) -> Result<(), PoolError> {
+    async fn send(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), PoolError>>) -> PoolCommand,
+    ) -> Result<(), PoolError> {
         let (reply, outcome) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| PoolError::Stopped)?;
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| PoolError::Stopped)?;
         outcome.await.map_err(|_| PoolError::Stopped)?
     }
 
     /// Adds a backend.
     pub async fn add(&self, address: SocketAddr, weight: u32) -> Result<(), PoolError> {
-        self.send(|reply| PoolCommand::Add { address, weight, reply }).await
+        self.send(|reply| PoolCommand::Add {
+            address,
+            weight,
+            reply,
+        })
+        .await
     }
 
     /// Changes a backend's weight and/or admin state.
-    pub async fn update(&self, address: SocketAddr, weight: Option<u32>, state: Option<AdminState>) -> Result<(), PoolError> {
+    pub async fn update(
+        &self,
+        address: SocketAddr,
+        weight: Option<u32>,
+        state: Option<AdminState>,
+    ) -> Result<(), PoolError> {
         self.send(|reply| PoolCommand::Update {
             address,
             weight,
@@ -104,7 +120,12 @@ impl PoolHandle {
 
     /// Removes a backend (drains first unless `now`).
     pub async fn remove(&self, address: SocketAddr, now: bool) -> Result<(), PoolError> {
-        self.send(|reply| PoolCommand::Remove { address, now, reply }).await
+        self.send(|reply| PoolCommand::Remove {
+            address,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Applies a reloaded configuration of this pool.
@@ -138,7 +159,12 @@ pub struct PoolManager {
 
 impl PoolManager {
     /// Starts the manager of `pool` (created from `config`); it stops when `stop` turns true.
-    pub fn spawn(pool: Arc<Pool>, config: &PoolConfig, events: Arc<EventLog>, stop: watch::Receiver<bool>) -> PoolHandle {
+    pub fn spawn(
+        pool: Arc<Pool>,
+        config: &PoolConfig,
+        events: Arc<EventLog>,
+        stop: watch::Receiver<bool>,
+    ) -> PoolHandle {
         let snapshot = pool.snapshot();
         let manager = PoolManager {
             pool: pool.clone(),
@@ -155,7 +181,11 @@ impl PoolManager {
         PoolHandle { pool, commands }
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<PoolCommand>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<PoolCommand>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -176,7 +206,11 @@ impl PoolManager {
 
     fn apply(&mut self, command: PoolCommand) {
         match command {
-            PoolCommand::Add { address, weight, reply } => {
+            PoolCommand::Add {
+                address,
+                weight,
+                reply,
+            } => {
                 let _ = reply.send(self.add(address, weight));
             }
             PoolCommand::Update {
@@ -187,7 +221,11 @@ impl PoolManager {
             } => {
                 let _ = reply.send(self.update(address, weight, state));
             }
-            PoolCommand::Remove { address, now, reply } => {
+            PoolCommand::Remove {
+                address,
+                now,
+                reply,
+            } => {
                 let _ = reply.send(self.remove(address, now));
             }
             PoolCommand::Reconfigure { config, reply } => {
@@ -203,7 +241,11 @@ impl PoolManager {
             return Err(PoolError::AlreadyExists(address));
         }
         // A backend coming back while its old self still drains: take the old state back.
-        let backend = match self.retiring.iter().position(|r| r.backend.address == address) {
+        let backend = match self
+            .retiring
+            .iter()
+            .position(|r| r.backend.address == address)
+        {
             Some(i) => {
                 let backend = self.retiring.swap_remove(i).backend;
                 backend.set_configured_weight(weight);
@@ -213,17 +255,30 @@ impl PoolManager {
             None => Backend::new(address, weight),
         };
         self.members.push(backend);
-        self.record("backend_added", address, format!("backend {address} added with weight {weight}"));
+        self.record(
+            "backend_added",
+            address,
+            format!("backend {address} added with weight {weight}"),
+        );
         Ok(())
     }
 
-    fn update(&mut self, address: SocketAddr, weight: Option<u32>, state: Option<AdminState>) -> Result<(), PoolError> {
+    fn update(
+        &mut self,
+        address: SocketAddr,
+        weight: Option<u32>,
+        state: Option<AdminState>,
+    ) -> Result<(), PoolError> {
         let index = self.position(address).ok_or(PoolError::NotFound(address))?;
         let backend = self.members[index].clone();
         if let Some(weight) = weight {
             let old = backend.configured_weight();
             backend.set_configured_weight(weight);
-            self.record("backend_weight", address, format!("backend {address} weight {old} -> {weight}"));
+            self.record(
+                "backend_weight",
+                address,
+                format!("backend {address} weight {old} -> {weight}"),
+            );
         }
         if let Some(state) = state {
             let old = backend.admin_state();
@@ -241,7 +296,11 @@ impl PoolManager {
         let index = self.position(address).ok_or(PoolError::NotFound(address))?;
         let backend = self.members.remove(index);
         if now || backend.in_flight_count() == 0 {
-            self.record("backend_removed", address, format!("backend {address} removed"));
+            self.record(
+                "backend_removed",
+                address,
+                format!("backend {address} removed"),
+            );
         } else {
             self.record(
                 "backend_draining",
@@ -267,8 +326,12 @@ impl PoolManager {
         let new_settings = Arc::new(PoolSettings::from_config(config));
         if *new_settings != *self.settings {
             self.settings = new_settings;
-            self.events
-                .record("pool_settings", Some(&self.pool.name), None, "pool settings changed by reload");
+            self.events.record(
+                "pool_settings",
+                Some(&self.pool.name),
+                None,
+                "pool settings changed by reload",
+            );
         }
         let old_file = std::mem::take(&mut self.from_file);
         for (address, old_weight) in &old_file {
@@ -332,13 +395,20 @@ impl PoolManager {
 
     fn publish(&self) {
         let retiring = self.retiring.iter().map(|r| r.backend.clone()).collect();
-        self.pool
-            .publish(PoolSnapshot::build(self.settings.clone(), self.members.clone(), retiring));
+        self.pool.publish(PoolSnapshot::build(
+            self.settings.clone(),
+            self.members.clone(),
+            retiring,
+        ));
     }
 
     fn record(&self, kind: &'static str, address: SocketAddr, message: String) {
-        self.events
-            .record(kind, Some(&self.pool.name), Some(&address.to_string()), message);
+        self.events.record(
+            kind,
+            Some(&self.pool.name),
+            Some(&address.to_string()),
+            message,
+        );
     }
 }
 

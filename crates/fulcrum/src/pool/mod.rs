@@ -69,7 +69,11 @@ pub struct PoolSnapshot {
 
 impl PoolSnapshot {
     /// Builds a snapshot (and its selector) over `backends`.
-    pub fn build(settings: Arc<PoolSettings>, backends: Vec<Backend>, retiring: Vec<Backend>) -> Self {
+    pub fn build(
+        settings: Arc<PoolSettings>,
+        backends: Vec<Backend>,
+        retiring: Vec<Backend>,
+    ) -> Self {
         let built_weights: Vec<u32> = backends.iter().map(|b| b.effective_weight()).collect();
         let members: Vec<Member<'_>> = backends
             .iter()
@@ -186,7 +190,11 @@ impl BackendStatus {
             address: backend.id.clone(),
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
-            state: if removing { "draining" } else { backend.admin_state().name() },
+            state: if removing {
+                "draining"
+            } else {
+                backend.admin_state().name()
+            },
             health: if backend.is_healthy() { "up" } else { "down" },
             backed_off: backend.is_backed_off(),
             in_flight: backend.in_flight_count(),
