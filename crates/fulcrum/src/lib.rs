@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod health;
 pub mod pool;
 pub mod proxy;
 pub mod server;

@@ -229,7 +229,14 @@ impl Server {
                         listener_config.pool.get_ref()
                     )
                 })?;
-            let task = start_listener(&name, listener_config, socket, pool, self.shutdown_timeout)?;
+            let task = start_listener(
+                &name,
+                listener_config,
+                socket,
+                pool,
+                self.events.clone(),
+                self.shutdown_timeout,
+            )?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
             if let Some(old) = running.listeners.insert(name.clone(), task) {
                 report.listeners_changed.push(name.clone());
@@ -291,6 +298,7 @@ fn start_listener(
     config: ListenerConfig,
     socket: TcpListener,
     pool: Arc<Pool>,
+    events: Arc<EventLog>,
     shutdown_timeout: Duration,
 ) -> Result<ListenerTask> {
     let address = socket.local_addr()?;
@@ -300,7 +308,7 @@ fn start_listener(
         pool: config.pool.get_ref().clone(),
     };
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(HttpProxy::new(name, pool));
+    let proxy = Arc::new(HttpProxy::new(name, pool, events));
     let task = tokio::spawn(serve_http(
         socket,
         proxy,

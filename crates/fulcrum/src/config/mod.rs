@@ -1,6 +1,7 @@
 //! The TOML configuration: schema (serde), parsing with `file:line:column` errors, and the
 //! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
 
+mod health;
 mod types;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use health::{
+    AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
+};
 pub use types::{AlgorithmName, BackendSpec, ConfigDuration, ListenAddr};
 
 /// A whole Fulcrum configuration file.
@@ -151,6 +155,22 @@ pub struct PoolConfig {
     /// A removed backend's in-flight requests may take this long before it is dropped.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: ConfigDuration,
+    /// Active health checks; none when absent.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// Passive ejection from real traffic (on by default).
+    #[serde(default)]
+    pub passive: PassiveConfig,
+    /// Agent polling; none when absent.
+    #[serde(default)]
+    pub agent: Option<AgentCheckConfig>,
+    /// Limit on retries of requests that reached a backend.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// When every backend is down: false (default) answers 503 at once; true spreads the
+    /// traffic over all backends anyway, as the least bad option.
+    #[serde(default)]
+    pub panic_mode: bool,
 }
 
 fn default_drain_timeout() -> ConfigDuration {

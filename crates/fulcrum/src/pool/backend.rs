@@ -30,6 +30,11 @@ pub struct BackendState {
     admin_state: AtomicU8,
     /// The health checks' say (true when no checks are configured).
     healthy: AtomicBool,
+    /// Passive ejection (outlier detection) state.
+    passive: PassiveState,
+    /// The agent's say: weight percent (0..=100) and [`AgentVerdict`] as a number.
+    agent_percent: AtomicU8,
+    agent_verdict: AtomicU8,
     /// Idle keep-alive connections to this backend.
     pub connections: ConnectionPool,
 }
@@ -58,6 +63,9 @@ impl Backend {
             down_until_ns: AtomicU64::new(0),
             admin_state: AtomicU8::new(AdminState::Active as u8),
             healthy: AtomicBool::new(true),
+            passive: PassiveState::default(),
+            agent_percent: AtomicU8::new(100),
+            agent_verdict: AtomicU8::new(AgentVerdict::Up as u8),
             connections: ConnectionPool::new(address),
         }))
     }
@@ -138,9 +146,186 @@ impl BackendState {
         self.healthy.swap(healthy, Ordering::Relaxed)
     }
 
-    /// Effective weight: what balancers use.
+    /// Effective weight: configured weight × the agent's percentage. A nonzero product never
+    /// rounds down to zero.
     pub fn effective_weight(&self) -> u32 {
-        self.configured_weight()
+        let configured = self.configured_weight();
+        let percent = u32::from(self.agent_percent.load(Ordering::Relaxed));
+        if percent >= 100 || configured == 0 {
+            return configured;
+        }
+        if percent == 0 {
+            return 0;
+        }
+        ((u64::from(configured) * u64::from(percent) / 100).max(1)) as u32
+    }
+
+    /// The agent's weight percentage (100 when no agent reported).
+    pub fn agent_percent(&self) -> u8 {
+        self.agent_percent.load(Ordering::Relaxed)
+    }
+
+    /// The agent's verdict.
+    pub fn agent_verdict(&self) -> AgentVerdict {
+        AgentVerdict::from_u8(self.agent_verdict.load(Ordering::Relaxed))
+    }
+
+    /// Applies an agent's report: weight percent (clamped to 100) and/or verdict. Returns
+    /// whether anything changed.
+    pub fn set_agent(&self, percent: Option<u8>, verdict: Option<AgentVerdict>) -> bool {
+        let mut changed = false;
+        if let Some(percent) = percent {
+            changed |=
+                self.agent_percent.swap(percent.min(100), Ordering::Relaxed) != percent.min(100);
+        }
+        if let Some(verdict) = verdict {
+            changed |= self.agent_verdict.swap(verdict as u8, Ordering::Relaxed) != verdict as u8;
+        }
+        changed
+    }
+
+    /// Forgets connect back-off and passive ejection: an active check just proved the
+    /// backend healthy again.
+    pub fn clear_failures(&self) {
+        self.down_until_ns.store(0, Ordering::Relaxed);
+        self.passive.ejected_until_ns.store(0, Ordering::Relaxed);
+        self.passive
+            .consecutive_failures
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// Whether passive ejection currently keeps the backend out.
+    pub fn is_ejected(&self) -> bool {
+        self.passive.is_ejected(now_ns())
+    }
+
+    /// Records a good answer (resets the passive failure streak).
+    #[inline]
+    pub fn record_success(&self) {
+        self.passive.record_success();
+    }
+
+    /// Records a failed exchange for passive ejection; returns how long the backend is now
+    /// ejected for, when this failure ejected it. `may_eject` is asked only when the streak
+    /// reaches the threshold (it checks the pool-wide ejection cap).
+    pub fn record_passive_failure(
+        &self,
+        policy: &PassivePolicy,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        self.passive.record_failure(policy, now_ns(), may_eject)
+    }
+
+    /// Whether balancers may send it new traffic: healthy, enabled, the agent says up, not
+    /// backed off after a failed connect and not ejected.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy()
+            && self.is_enabled()
+            && self.agent_verdict() == AgentVerdict::Up
+            && !self.is_backed_off()
+            && !self.is_ejected()
+    }
+}
+
+/// What a backend's agent last said about taking traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentVerdict {
+    /// Take traffic (also when no agent is configured).
+    Up = 0,
+    /// No new traffic.
+    Drain = 1,
+    /// Maintenance: no traffic.
+    Maint = 2,
+    /// Down: no traffic.
+    Down = 3,
+}
+
+impl AgentVerdict {
+    fn from_u8(value: u8) -> AgentVerdict {
+        match value {
+            0 => AgentVerdict::Up,
+            1 => AgentVerdict::Drain,
+            2 => AgentVerdict::Maint,
+            _ => AgentVerdict::Down,
+        }
+    }
+
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentVerdict::Up => "up",
+            AgentVerdict::Drain => "drain",
+            AgentVerdict::Maint => "maint",
+            AgentVerdict::Down => "down",
+        }
+    }
+}
+
+/// Passive ejection settings of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassivePolicy {
+    /// Consecutive failures that eject.
+    pub consecutive_failures: u32,
+    /// Base ejection time (× the number of ejections in a row).
+    pub ejection_time: Duration,
+    /// Longest ejection.
+    pub max_ejection_time: Duration,
+    /// Most of the pool (percent) that may be ejected at once.
+    pub max_ejected_percent: u8,
+}
+
+/// Lock-free passive ejection state of one backend.
+#[derive(Debug, Default)]
+struct PassiveState {
+    consecutive_failures: AtomicU32,
+    /// Ejections in a row (reset when the backend stayed in long enough).
+    ejections: AtomicU32,
+    /// Ejected until this clock reading (ns); 0 = never ejected.
+    ejected_until_ns: AtomicU64,
+}
+
+impl PassiveState {
+    fn is_ejected(&self, now: u64) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && now < until
+    }
+
+    #[inline]
+    fn record_success(&self) {
+        // Read first: the common case (no streak) then writes nothing, keeping the cache
+        // line shared between cores.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn record_failure(
+        &self,
+        policy: &PassivePolicy,
+        now: u64,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        let streak = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak < policy.consecutive_failures.max(1) || self.is_ejected(now) || !may_eject() {
+            return None;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let last_until = self.ejected_until_ns.load(Ordering::Relaxed);
+        // A backend that stayed in service longer than the longest ejection starts afresh.
+        if last_until == 0
+            || now.saturating_sub(last_until) > policy.max_ejection_time.as_nanos() as u64
+        {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = policy
+            .ejection_time
+            .saturating_mul(ejections)
+            .min(policy.max_ejection_time);
+        self.ejected_until_ns
+            .store(now + duration.as_nanos() as u64, Ordering::Relaxed);
+        Some(duration)
     }
 }
 
@@ -187,7 +372,7 @@ impl Candidate for Backend {
     }
     #[inline]
     fn is_eligible(&self) -> bool {
-        self.is_healthy() && self.is_enabled() && !self.is_backed_off()
+        self.is_available()
     }
 }
 
@@ -207,5 +392,87 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> PassivePolicy {
+        PassivePolicy {
+            consecutive_failures: 3,
+            ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(25),
+            max_ejected_percent: 50,
+        }
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_for_growing_times() {
+        let state = PassiveState::default();
+        let second = 1_000_000_000u64;
+        let mut now = 1;
+        assert_eq!(state.record_failure(&policy(), now, || true), None);
+        assert_eq!(state.record_failure(&policy(), now, || true), None);
+        state.record_success();
+        assert_eq!(state.record_failure(&policy(), now, || true), None);
+        assert_eq!(state.record_failure(&policy(), now, || true), None);
+        assert_eq!(
+            state.record_failure(&policy(), now, || true),
+            Some(Duration::from_secs(10))
+        );
+        assert!(state.is_ejected(now + 9 * second));
+        assert!(!state.is_ejected(now + 10 * second));
+        now += 11 * second;
+        for _ in 0..2 {
+            assert_eq!(state.record_failure(&policy(), now, || true), None);
+        }
+        assert_eq!(
+            state.record_failure(&policy(), now, || true),
+            Some(Duration::from_secs(20))
+        );
+        now += 21 * second;
+        for _ in 0..2 {
+            state.record_failure(&policy(), now, || true);
+        }
+        // Capped at max_ejection_time.
+        assert_eq!(
+            state.record_failure(&policy(), now, || true),
+            Some(Duration::from_secs(25))
+        );
+        // Long healthy service resets the multiplier.
+        now += 100 * second;
+        for _ in 0..2 {
+            state.record_failure(&policy(), now, || true);
+        }
+        assert_eq!(
+            state.record_failure(&policy(), now, || true),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn respects_the_pool_cap() {
+        let state = PassiveState::default();
+        for _ in 0..10 {
+            assert_eq!(state.record_failure(&policy(), 1, || false), None);
+        }
+        assert!(!state.is_ejected(1));
+    }
+
+    #[test]
+    fn agent_percent_scales_weight_without_reaching_zero() {
+        let backend = Backend::new("127.0.0.1:1".parse().unwrap(), 3);
+        assert_eq!(backend.effective_weight(), 3);
+        backend.set_agent(Some(50), None);
+        assert_eq!(backend.effective_weight(), 1);
+        backend.set_agent(Some(1), None);
+        assert_eq!(backend.effective_weight(), 1);
+        backend.set_agent(Some(0), None);
+        assert_eq!(backend.effective_weight(), 0);
+        backend.set_agent(Some(200), Some(AgentVerdict::Drain));
+        assert_eq!(backend.effective_weight(), 3);
+        assert!(!backend.is_available());
     }
 }

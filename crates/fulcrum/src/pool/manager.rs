@@ -8,13 +8,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
 
 use super::{AdminState, Backend, Pool, PoolSettings, PoolSnapshot};
-use crate::config::PoolConfig;
+use crate::config::{HealthConfig, PoolConfig};
 use crate::events::EventLog;
+use crate::health::{run_checks, ActiveCheck};
 
-/// How often the manager looks at draining backends and changed effective weights.
+/// How often the manager looks at draining backends and changed effective weights, and
+/// refills the retry budget.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The retry budget counts requests and retries over this many housekeeping ticks (10 s).
+const RETRY_WINDOW_TICKS: usize = 40;
 
 /// Why a command was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -155,6 +161,12 @@ pub struct PoolManager {
     /// only for backends whose entry in the file changed).
     from_file: HashMap<SocketAddr, u32>,
     events: Arc<EventLog>,
+    /// (requests, retries) totals at each of the last ticks, oldest first.
+    retry_window: std::collections::VecDeque<(u64, u64)>,
+    /// Active health check settings, if any.
+    health: Option<HealthConfig>,
+    /// The running check task of each member.
+    checks: HashMap<SocketAddr, AbortHandle>,
 }
 
 impl PoolManager {
@@ -173,8 +185,15 @@ impl PoolManager {
             retiring: Vec::new(),
             from_file: file_backends(config),
             events,
+            retry_window: std::collections::VecDeque::with_capacity(RETRY_WINDOW_TICKS + 1),
+            health: config.health.clone(),
+            checks: HashMap::new(),
         };
         drop(snapshot);
+        let mut manager = manager;
+        for backend in manager.members.clone() {
+            manager.start_checks(&backend);
+        }
         // Commands are rare (operators, reloads, discovery); a short queue applies back-pressure.
         let (commands, receiver) = mpsc::channel(64);
         tokio::spawn(manager.run(receiver, stop));
@@ -197,6 +216,35 @@ impl PoolManager {
                 _ = housekeeping.tick() => self.housekeeping(),
                 _ = stop.changed() => break,
             }
+        }
+        for (_, check) in self.checks.drain() {
+            check.abort();
+        }
+    }
+
+    /// Starts the active checks of `backend`, when the pool has checks.
+    fn start_checks(&mut self, backend: &Backend) {
+        let Some(health) = &self.health else {
+            return;
+        };
+        let task = tokio::spawn(run_checks(
+            ActiveCheck::from_config(health),
+            backend.clone(),
+            self.pool.name.clone(),
+            self.events.clone(),
+            health.interval.0,
+            health.rise,
+            health.fall,
+            1,
+        ));
+        if let Some(old) = self.checks.insert(backend.address, task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    fn stop_checks(&mut self, address: SocketAddr) {
+        if let Some(check) = self.checks.remove(&address) {
+            check.abort();
         }
     }
 
@@ -254,6 +302,11 @@ impl PoolManager {
             }
             None => Backend::new(address, weight),
         };
+        if self.health.is_some() {
+            // Health-checked before it takes traffic: the first passing check brings it up.
+            backend.set_healthy(false);
+        }
+        self.start_checks(&backend);
         self.members.push(backend);
         self.record(
             "backend_added",
@@ -295,6 +348,7 @@ impl PoolManager {
     fn remove(&mut self, address: SocketAddr, now: bool) -> Result<(), PoolError> {
         let index = self.position(address).ok_or(PoolError::NotFound(address))?;
         let backend = self.members.remove(index);
+        self.stop_checks(address);
         if now || backend.in_flight_count() == 0 {
             self.record(
                 "backend_removed",
@@ -333,6 +387,22 @@ impl PoolManager {
                 "pool settings changed by reload",
             );
         }
+        if config.health != self.health {
+            self.health = config.health.clone();
+            self.events.record(
+                "health_config",
+                Some(&self.pool.name),
+                None,
+                "health check settings changed by reload",
+            );
+            for backend in self.members.clone() {
+                self.stop_checks(backend.address);
+                if self.health.is_none() {
+                    backend.set_healthy(true);
+                }
+                self.start_checks(&backend);
+            }
+        }
         let old_file = std::mem::take(&mut self.from_file);
         for (address, old_weight) in &old_file {
             if !new_file.contains_key(address) && self.position(*address).is_some() {
@@ -358,7 +428,38 @@ impl PoolManager {
         self.from_file = new_file;
     }
 
+    /// Retry budget: over the last window, retries may be `retry_percent` of requests plus
+    /// `retry_min_per_second` per second. The allowance is recomputed here each tick.
+    fn refill_retry_budget(&mut self) {
+        let requests: u64 = self
+            .members
+            .iter()
+            .chain(self.retiring.iter().map(|r| &r.backend))
+            .map(|b| b.request_count())
+            .sum();
+        let retries = self.pool.retry_count();
+        self.retry_window.push_back((requests, retries));
+        if self.retry_window.len() > RETRY_WINDOW_TICKS {
+            self.retry_window.pop_front();
+        }
+        let (old_requests, old_retries) = self
+            .retry_window
+            .front()
+            .copied()
+            .unwrap_or((requests, retries));
+        let window_seconds = (self.retry_window.len() as u64
+            * HOUSEKEEPING_INTERVAL.as_millis() as u64)
+            .div_ceil(1000)
+            .max(1);
+        let earned = requests.saturating_sub(old_requests) * u64::from(self.settings.retry_percent)
+            / 100
+            + u64::from(self.settings.retry_min_per_second) * window_seconds;
+        let spent = retries.saturating_sub(old_retries);
+        self.pool.set_retry_allowance(earned as i64 - spent as i64);
+    }
+
     fn housekeeping(&mut self) {
+        self.refill_retry_budget();
         let now = Instant::now();
         let before = self.retiring.len();
         let events = self.events.clone();

@@ -5,6 +5,7 @@
 mod backend;
 mod manager;
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use arc_swap::ArcSwap;
 use fulcrum_balance::{Algorithm, Balancer, BuildOptions, Member, PickContext, Selector};
 use serde::Serialize;
 
-pub use backend::{AdminState, Backend, BackendState, InFlightGuard};
+pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
 pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
 use crate::config::PoolConfig;
@@ -34,6 +35,14 @@ pub struct PoolSettings {
     pub max_attempts: usize,
     /// How long a removed backend's in-flight requests may take before it is dropped.
     pub drain_timeout: Duration,
+    /// Passive ejection, when enabled.
+    pub passive: Option<PassivePolicy>,
+    /// When nothing is available, spread over every backend instead of answering 503.
+    pub panic_mode: bool,
+    /// Retries allowed as a percentage of requests.
+    pub retry_percent: u32,
+    /// Retries always allowed per second.
+    pub retry_min_per_second: u32,
 }
 
 impl PoolSettings {
@@ -47,6 +56,15 @@ impl PoolSettings {
             failure_backoff: config.failure_backoff.0,
             max_attempts: config.max_attempts,
             drain_timeout: config.drain_timeout.0,
+            passive: config.passive.enabled.then(|| PassivePolicy {
+                consecutive_failures: config.passive.consecutive_failures,
+                ejection_time: config.passive.ejection_time.0,
+                max_ejection_time: config.passive.max_ejection_time.0,
+                max_ejected_percent: config.passive.max_ejected_percent.min(100),
+            }),
+            panic_mode: config.panic_mode,
+            retry_percent: config.retry_budget.percent,
+            retry_min_per_second: config.retry_budget.min_per_second,
         }
     }
 }
@@ -103,6 +121,11 @@ pub struct Pool {
     /// The pool's name in the config.
     pub name: String,
     snapshot: ArcSwap<PoolSnapshot>,
+    /// Retries still allowed now; the manager refills it from the recent request rate (see
+    /// `PoolManager::refill_retry_budget`), so requests themselves pay nothing for it.
+    retry_allowance: AtomicI64,
+    /// Retries made since start.
+    retries: AtomicU64,
 }
 
 impl Pool {
@@ -115,9 +138,12 @@ impl Pool {
             .iter()
             .map(|spec| Backend::new(spec.get_ref().address, spec.get_ref().weight))
             .collect();
+        let initial_allowance = i64::from(settings.retry_min_per_second);
         Arc::new(Pool {
             name: name.to_string(),
             snapshot: ArcSwap::from_pointee(PoolSnapshot::build(settings, backends, Vec::new())),
+            retry_allowance: AtomicI64::new(initial_allowance),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -130,6 +156,32 @@ impl Pool {
     /// Publishes a new snapshot. Only the pool's manager calls this.
     pub(crate) fn publish(&self, snapshot: PoolSnapshot) {
         self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Takes one retry from the budget; false when the budget is spent.
+    pub fn try_retry(&self) -> bool {
+        let allowed = self
+            .retry_allowance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left > 0).then_some(left - 1)
+            })
+            .is_ok();
+        if allowed {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::warn!(pool = %self.name, "retry budget spent; not retrying");
+        }
+        allowed
+    }
+
+    /// Retries made since start.
+    pub fn retry_count(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Sets the retries allowed from now on (the manager's refill).
+    pub(crate) fn set_retry_allowance(&self, allowance: i64) {
+        self.retry_allowance.store(allowance, Ordering::Relaxed);
     }
 
     /// A JSON-ready view of the pool and every backend, retiring ones included.
@@ -172,6 +224,14 @@ pub struct BackendStatus {
     pub state: &'static str,
     /// up / down per health checks.
     pub health: &'static str,
+    /// Ejected by passive outlier detection right now.
+    pub ejected: bool,
+    /// Whether it can be picked for new requests now.
+    pub available: bool,
+    /// The agent's weight percentage (100 without an agent).
+    pub agent_percent: u8,
+    /// The agent's verdict (up without an agent).
+    pub agent_state: &'static str,
     /// Whether it is skipped for now after failed connects.
     pub backed_off: bool,
     /// Requests in flight.
@@ -196,6 +256,10 @@ impl BackendStatus {
                 backend.admin_state().name()
             },
             health: if backend.is_healthy() { "up" } else { "down" },
+            ejected: backend.is_ejected(),
+            available: !removing && backend.is_available(),
+            agent_percent: backend.agent_percent(),
+            agent_state: backend.agent_verdict().name(),
             backed_off: backend.is_backed_off(),
             in_flight: backend.in_flight_count(),
             requests: backend.request_count(),

@@ -8,14 +8,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fulcrum_balance::{splitmix64, PickContext};
+use fulcrum_balance::{bounded, splitmix64, PickContext};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::now_ns;
-use crate::pool::{Backend, Pool, PoolSettings};
+use crate::events::EventLog;
+use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::{add_forwarded, remove_hop_by_hop};
 use crate::proxy::upstream::UpstreamConnection;
@@ -29,6 +30,7 @@ const MAX_ATTEMPTS_CAP: usize = 8;
 pub struct HttpProxy {
     listener: String,
     pool: Arc<Pool>,
+    events: Arc<EventLog>,
 }
 
 thread_local! {
@@ -57,10 +59,35 @@ pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 
 impl HttpProxy {
     /// A proxy for listener `listener` forwarding to `pool`.
-    pub fn new(listener: &str, pool: Arc<Pool>) -> Self {
+    pub fn new(listener: &str, pool: Arc<Pool>, events: Arc<EventLog>) -> Self {
         HttpProxy {
             listener: listener.to_string(),
             pool,
+            events,
+        }
+    }
+
+    /// Records a failed exchange with `backend`: failure counter, connect back-off (when
+    /// `backoff`), and passive ejection, capped at the pool's `max_ejected_percent`.
+    fn note_failure(&self, snapshot: &PoolSnapshot, backend: &Backend, backoff: bool) {
+        backend.record_failure(backoff.then_some(snapshot.settings.failure_backoff));
+        let Some(policy) = &snapshot.settings.passive else {
+            return;
+        };
+        let may_eject = || {
+            let ejected = snapshot.backends.iter().filter(|b| b.is_ejected()).count();
+            (ejected + 1) * 100 <= snapshot.backends.len() * usize::from(policy.max_ejected_percent)
+        };
+        if let Some(duration) = backend.record_passive_failure(policy, may_eject) {
+            self.events.record(
+                "ejected",
+                Some(&self.pool.name),
+                Some(&backend.id),
+                format!(
+                    "backend {} ejected for {duration:?} after {} consecutive failures",
+                    backend.id, policy.consecutive_failures
+                ),
+            );
         }
     }
 
@@ -79,7 +106,8 @@ impl HttpProxy {
 
     async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let pool = &self.pool;
-        let snapshot = pool.snapshot();
+        let snapshot_guard = pool.snapshot();
+        let snapshot: &PoolSnapshot = &snapshot_guard;
         let settings = &*snapshot.settings;
         let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
         // A request that reached a backend may be sent again elsewhere only when it is
@@ -109,7 +137,7 @@ impl HttpProxy {
             {
                 Ok(connection) => connection,
                 Err(error) => {
-                    backend.record_failure(Some(settings.failure_backoff));
+                    self.note_failure(snapshot, backend, true);
                     tracing::warn!(
                         listener = %self.listener, pool = %pool.name, backend = %backend.address,
                         %error, "backend unreachable; trying another backend"
@@ -117,23 +145,58 @@ impl HttpProxy {
                     continue;
                 }
             };
-            match self.exchange(backend, settings, connection, request).await {
+            match self.exchange(snapshot, backend, connection, request).await {
                 Exchange::Answered(response) => return response,
                 Exchange::Unsent(unsent) => request = unsent,
                 Exchange::Failed(response) => match &replay {
-                    Some(head) => {
+                    Some(head) if pool.try_retry() => {
                         tracing::info!(pool = %pool.name, backend = %backend.address, "retrying idempotent request on another backend");
                         request = head.rebuild();
                         failure = Some(response);
                     }
-                    None => return response,
+                    _ => return response,
                 },
             }
         }
         if let Some(response) = failure {
             return response;
         }
+        if settings.panic_mode && !snapshot.backends.is_empty() {
+            return self.forward_in_panic(snapshot, request).await;
+        }
         tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
+        local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: no backend available",
+        )
+    }
+
+    /// Panic mode: nothing is available, so try every backend, whatever its health says
+    /// (least bad when checks are wrong or the whole pool is flapping).
+    async fn forward_in_panic(
+        &self,
+        snapshot: &PoolSnapshot,
+        mut request: Request<RequestBody>,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(pool = %self.pool.name, "panic mode: no backend available, trying all of them");
+        let start = bounded(next_random(), snapshot.backends.len());
+        for step in 0..snapshot.backends.len().min(MAX_ATTEMPTS_CAP) {
+            let backend = &snapshot.backends[(start + step) % snapshot.backends.len()];
+            let Ok(connection) = backend
+                .connections
+                .acquire(
+                    snapshot.settings.connect_timeout,
+                    snapshot.settings.idle_timeout,
+                )
+                .await
+            else {
+                continue;
+            };
+            match self.exchange(snapshot, backend, connection, request).await {
+                Exchange::Answered(response) | Exchange::Failed(response) => return response,
+                Exchange::Unsent(unsent) => request = unsent,
+            }
+        }
         local_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: no backend available",
@@ -143,11 +206,12 @@ impl HttpProxy {
     /// Sends `request` on `connection` and waits for the response head.
     async fn exchange(
         &self,
+        snapshot: &PoolSnapshot,
         backend: &Backend,
-        settings: &PoolSettings,
         mut connection: UpstreamConnection,
         mut request: Request<RequestBody>,
     ) -> Exchange {
+        let settings = &*snapshot.settings;
         let guard = backend.start_request();
         loop {
             let sent = tokio::time::timeout(
@@ -157,6 +221,11 @@ impl HttpProxy {
             .await;
             let mut error = match sent {
                 Ok(Ok(mut response)) => {
+                    if response.status().is_server_error() {
+                        self.note_failure(snapshot, backend, false);
+                    } else {
+                        backend.record_success();
+                    }
                     remove_hop_by_hop(response.headers_mut());
                     let response = response.map(|body| {
                         ProxyBody::Upstream(UpstreamBody::new(body, connection.sender, guard))
@@ -165,7 +234,7 @@ impl HttpProxy {
                 }
                 Ok(Err(error)) => error,
                 Err(_) => {
-                    backend.record_failure(None);
+                    self.note_failure(snapshot, backend, false);
                     tracing::warn!(
                         listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
                         timeout = ?settings.request_timeout, "backend did not answer in time"
@@ -177,7 +246,7 @@ impl HttpProxy {
                 }
             };
             let Some(unsent) = error.take_message() else {
-                backend.record_failure(None);
+                self.note_failure(snapshot, backend, false);
                 tracing::warn!(
                     listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
                     error = %error.into_error(), "backend failed before answering"
@@ -189,7 +258,7 @@ impl HttpProxy {
             };
             let error = error.into_error();
             if !connection.reused {
-                backend.record_failure(Some(settings.failure_backoff));
+                self.note_failure(snapshot, backend, true);
                 tracing::warn!(backend = %backend.address, %error, "backend closed a new connection; trying another backend");
                 return Exchange::Unsent(unsent);
             }
@@ -201,7 +270,7 @@ impl HttpProxy {
                     request = unsent;
                 }
                 Err(connect_error) => {
-                    backend.record_failure(Some(settings.failure_backoff));
+                    self.note_failure(snapshot, backend, true);
                     tracing::warn!(backend = %backend.address, error = %connect_error, "backend unreachable; trying another backend");
                     return Exchange::Unsent(unsent);
                 }

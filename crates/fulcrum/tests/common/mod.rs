@@ -190,6 +190,35 @@ pub fn backend(name: &str, delay_ms: u64) -> Proc {
     )
 }
 
+/// Starts a demo backend named `name` on a given address (e.g. to restart a killed one).
+pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
+    spawn(
+        &["backend", "--listen", &addr.to_string(), "--name", name],
+        1,
+        None,
+        &std::env::temp_dir(),
+    )
+}
+
+/// A "backend" that accepts connections, reads a little and closes without answering.
+/// Returns its address and a counter of accepted connections.
+pub fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer);
+        }
+    });
+    (addr, accepted)
+}
+
 /// Writes `config` to a temporary file and returns (dir, path).
 pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,135 @@
+//! The active checks: a TCP connect, or an HTTP GET with expected status and body.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
+use http::Request;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::HealthCheck;
+use crate::config::{HealthConfig, HealthKind, StatusRange};
+
+/// Most of a health-check response body that is read to look for `expect_body`.
+const MAX_CHECK_BODY: usize = 64 * 1024;
+
+/// Why a check failed.
+#[derive(Debug)]
+pub enum CheckError {
+    /// No answer in time.
+    Timeout(Duration),
+    /// Connect or I/O failure.
+    Io(std::io::Error),
+    /// HTTP-level failure.
+    Http(String),
+    /// Answered with a status outside the expected range.
+    Status(u16),
+    /// The body lacked the expected text.
+    Body,
+}
+
+impl fmt::Display for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckError::Timeout(d) => write!(f, "check timed out after {d:?}"),
+            CheckError::Io(e) => write!(f, "check connect failed: {e}"),
+            CheckError::Http(e) => write!(f, "check request failed: {e}"),
+            CheckError::Status(s) => write!(f, "check answered status {s}"),
+            CheckError::Body => write!(f, "check body lacks the expected text"),
+        }
+    }
+}
+
+impl std::error::Error for CheckError {}
+
+/// A configured active check.
+#[derive(Debug, Clone)]
+pub struct ActiveCheck {
+    kind: HealthKind,
+    path: String,
+    expect_status: StatusRange,
+    expect_body: Option<String>,
+    host: Option<String>,
+    timeout: Duration,
+}
+
+impl ActiveCheck {
+    /// The check described by `config`.
+    pub fn from_config(config: &HealthConfig) -> Self {
+        ActiveCheck {
+            kind: config.kind,
+            path: if config.path.starts_with('/') {
+                config.path.clone()
+            } else {
+                format!("/{}", config.path)
+            },
+            expect_status: config.expect_status,
+            expect_body: config.expect_body.clone(),
+            host: config.host.clone(),
+            timeout: config.timeout.0,
+        }
+    }
+
+    async fn http(&self, address: SocketAddr) -> Result<(), CheckError> {
+        let stream = TcpStream::connect(address).await.map_err(CheckError::Io)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| CheckError::Http(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let host = self.host.clone().unwrap_or_else(|| address.to_string());
+        let request = Request::get(self.path.as_str())
+            .header(
+                HOST,
+                HeaderValue::from_str(&host).map_err(|e| CheckError::Http(e.to_string()))?,
+            )
+            .header(USER_AGENT, "fulcrum-health-check")
+            .header(CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| CheckError::Http(e.to_string()))?;
+        let outcome = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| CheckError::Http(e.to_string()))?;
+            let status = response.status().as_u16();
+            if !self.expect_status.contains(status) {
+                return Err(CheckError::Status(status));
+            }
+            if let Some(expected) = &self.expect_body {
+                let body = Limited::new(response.into_body(), MAX_CHECK_BODY)
+                    .collect()
+                    .await
+                    .map_err(|e| CheckError::Http(e.to_string()))?
+                    .to_bytes();
+                if !String::from_utf8_lossy(&body).contains(expected.as_str()) {
+                    return Err(CheckError::Body);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        driver.abort();
+        outcome
+    }
+}
+
+impl HealthCheck for ActiveCheck {
+    async fn check(&self, address: SocketAddr) -> Result<(), CheckError> {
+        let attempt = async {
+            match self.kind {
+                HealthKind::Tcp => TcpStream::connect(address)
+                    .await
+                    .map(drop)
+                    .map_err(CheckError::Io),
+                HealthKind::Http => self.http(address).await,
+            }
+        };
+        tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| CheckError::Timeout(self.timeout))?
+    }
+}
