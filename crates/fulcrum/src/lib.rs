@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod server;

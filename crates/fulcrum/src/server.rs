@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,18 @@ struct ListenerTask {
     bound: BoundListener,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    stats: Arc<ListenerStats>,
+}
+
+/// Counters of one listener's client connections.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Client connections open now.
+    pub open: AtomicU64,
+    /// Client connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Client connections closed at accept because of `max_connections`.
+    pub refused: AtomicU64,
 }
 
 /// What changes only on reload, behind one async mutex so reloads apply one at a time.
@@ -59,6 +72,19 @@ pub struct Server {
     /// Turns true at shutdown: pool managers stop.
     stop_managers: watch::Sender<bool>,
     shutdown_timeout: Duration,
+    /// Connection counters of the listeners, by name (for metrics; lock-free read).
+    listener_stats: ArcSwap<Vec<(String, Arc<ListenerStats>)>>,
+    /// Reloads applied and refused since start.
+    pub reloads: ReloadCounters,
+}
+
+/// Reload outcomes since start.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    /// Reloads applied.
+    pub applied: AtomicU64,
+    /// Reloads refused (bad config; the old one kept running).
+    pub refused: AtomicU64,
 }
 
 /// The outcome of a reload, for the API and the log.
@@ -94,6 +120,8 @@ impl Server {
             }),
             stop_managers,
             shutdown_timeout: config.server.shutdown_timeout.0,
+            listener_stats: ArcSwap::from_pointee(Vec::new()),
+            reloads: ReloadCounters::default(),
         });
         server.apply(config).await?;
         Ok(server)
@@ -112,6 +140,11 @@ impl Server {
     /// The pools by name, with handles to change them (lock-free read).
     pub fn pools(&self) -> arc_swap::Guard<Arc<BTreeMap<String, PoolHandle>>> {
         self.pools.load()
+    }
+
+    /// Connection counters of every listener.
+    pub fn listener_stats(&self) -> Arc<Vec<(String, Arc<ListenerStats>)>> {
+        self.listener_stats.load_full()
     }
 
     /// The control-plane event log.
@@ -136,10 +169,12 @@ impl Server {
         };
         match &outcome {
             Ok(report) => {
+                self.reloads.applied.fetch_add(1, Ordering::Relaxed);
                 self.events
                     .record("reload", None, None, format!("reload applied: {report:?}"))
             }
             Err(error) => {
+                self.reloads.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %format!("{error:#}"), "reload refused; the previous configuration keeps running");
                 self.events.record(
                     "reload_failed",
@@ -233,8 +268,7 @@ impl Server {
                 &name,
                 listener_config,
                 socket,
-                pool,
-                self.events.clone(),
+                HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log),
                 self.shutdown_timeout,
             )?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
@@ -259,6 +293,13 @@ impl Server {
             }
         }
         running.config = config;
+        self.listener_stats.store(Arc::new(
+            running
+                .listeners
+                .iter()
+                .map(|(name, l)| (name.clone(), l.stats.clone()))
+                .collect(),
+        ));
         Ok(report)
     }
 
@@ -297,8 +338,7 @@ fn start_listener(
     name: &str,
     config: ListenerConfig,
     socket: TcpListener,
-    pool: Arc<Pool>,
-    events: Arc<EventLog>,
+    proxy: HttpProxy,
     shutdown_timeout: Duration,
 ) -> Result<ListenerTask> {
     let address = socket.local_addr()?;
@@ -308,19 +348,21 @@ fn start_listener(
         pool: config.pool.get_ref().clone(),
     };
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(HttpProxy::new(name, pool, events));
+    let stats = Arc::new(ListenerStats::default());
     let task = tokio::spawn(serve_http(
         socket,
-        proxy,
+        Arc::new(proxy),
         config.clone(),
         stopped,
         shutdown_timeout,
+        stats.clone(),
     ));
     Ok(ListenerTask {
         config,
         bound,
         stop,
         task,
+        stats,
     })
 }
 
@@ -366,6 +408,7 @@ async fn serve_http(
     config: ListenerConfig,
     mut stop: watch::Receiver<bool>,
     shutdown_timeout: Duration,
+    stats: Arc<ListenerStats>,
 ) {
     let builder = http_builder(&config);
     let graceful = GracefulShutdown::new();
@@ -384,11 +427,20 @@ async fn serve_http(
             _ = stop.changed() => break,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%client, max_connections = config.max_connections, "connection limit reached; closing new connection");
             drop(stream);
             continue;
         };
-        serve_connection(&builder, &graceful, stream, client, proxy.clone(), permit);
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        serve_connection(
+            &builder,
+            &graceful,
+            stream,
+            client,
+            proxy.clone(),
+            (permit, stats.clone()),
+        );
     }
     drop(listener);
     tokio::select! {
@@ -405,8 +457,9 @@ fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
     proxy: Arc<HttpProxy>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
 ) {
+    stats.open.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
@@ -421,5 +474,6 @@ fn serve_connection(
             tracing::debug!(%client, %error, "client connection ended with an error");
         }
         drop(permit);
+        stats.open.fetch_sub(1, Ordering::Relaxed);
     });
 }

@@ -217,6 +217,18 @@ async fn events(State(server): State<Arc<Server>>, Query(query): Query<EventsQue
     Ok(Json(server.events().recent(limit)).into_response())
 }
 
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    let text = crate::metrics::render(&crate::metrics::registry(&server));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -233,6 +245,7 @@ pub fn router(server: Arc<Server>, token: Option<String>) -> Router {
         )
         .route("/api/reload", post(reload))
         .route("/api/events", get(events))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: ConfigDuration,
     /// Log format: "text" (default) or "json".
     pub log_format: LogFormat,
+    /// One log line per request (target `fulcrum::access`); off by default for speed.
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             workers: 0,
             shutdown_timeout: ConfigDuration(Duration::from_secs(30)),
             log_format: LogFormat::Text,
+            access_log: false,
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct BackendState {
     in_flight: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Backend answers by status class: index 0 = 1xx … 4 = 5xx.
+    responses_by_class: [AtomicU64; 5],
     /// Until this clock reading (ns) the backend is skipped after a failed connect; 0 = not.
     down_until_ns: AtomicU64,
     /// The operator's say: [`AdminState`] as a number.
@@ -60,6 +62,7 @@ impl Backend {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            responses_by_class: Default::default(),
             down_until_ns: AtomicU64::new(0),
             admin_state: AtomicU8::new(AdminState::Active as u8),
             healthy: AtomicBool::new(true),
@@ -94,6 +97,23 @@ impl BackendState {
     /// Requests sent to this backend since start.
     pub fn request_count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Backend answers of status class `class` (0 = 1xx … 4 = 5xx) since start.
+    pub fn response_count(&self, class: usize) -> u64 {
+        self.responses_by_class[class].load(Ordering::Relaxed)
+    }
+
+    /// Counts a backend answer with `status` (for metrics by status class).
+    #[inline]
+    pub fn record_status(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses_by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times passive ejection took this backend out since start.
+    pub fn ejection_count(&self) -> u64 {
+        self.passive.ejections_total.load(Ordering::Relaxed)
     }
 
     /// Failures (connect errors, broken responses) seen since start.
@@ -283,6 +303,8 @@ struct PassiveState {
     ejections: AtomicU32,
     /// Ejected until this clock reading (ns); 0 = never ejected.
     ejected_until_ns: AtomicU64,
+    /// Ejections since start.
+    ejections_total: AtomicU64,
 }
 
 impl PassiveState {
@@ -319,6 +341,7 @@ impl PassiveState {
             self.ejections.store(0, Ordering::Relaxed);
         }
         let ejections = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
         let duration = policy
             .ejection_time
             .saturating_mul(ejections)

@@ -17,6 +17,10 @@ pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard
 pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
 use crate::config::PoolConfig;
+use crate::metrics::histogram::LatencyHistogram;
+
+/// The statuses Fulcrum answers with itself when a backend cannot.
+const LOCAL_ERROR_STATUSES: [u16; 3] = [502, 503, 504];
 
 /// Settings of a pool that the data path needs per request.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +130,10 @@ pub struct Pool {
     retry_allowance: AtomicI64,
     /// Retries made since start.
     retries: AtomicU64,
+    /// Time from request to response head, for requests a backend answered.
+    pub latency: LatencyHistogram,
+    /// Responses Fulcrum generated itself: 502, 503, 504.
+    local_errors: [AtomicU64; 3],
 }
 
 impl Pool {
@@ -144,6 +152,8 @@ impl Pool {
             snapshot: ArcSwap::from_pointee(PoolSnapshot::build(settings, backends, Vec::new())),
             retry_allowance: AtomicI64::new(initial_allowance),
             retries: AtomicU64::new(0),
+            latency: LatencyHistogram::default(),
+            local_errors: Default::default(),
         })
     }
 
@@ -172,6 +182,23 @@ impl Pool {
             tracing::warn!(pool = %self.name, "retry budget spent; not retrying");
         }
         allowed
+    }
+
+    /// Counts a response Fulcrum generated itself (502, 503 or 504).
+    pub fn record_local_error(&self, status: u16) {
+        if let Some(slot) = LOCAL_ERROR_STATUSES.iter().position(|&s| s == status) {
+            self.local_errors[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (status, count) of the responses Fulcrum generated itself.
+    pub fn local_error_counts(&self) -> [(u16, u64); 3] {
+        std::array::from_fn(|i| {
+            (
+                LOCAL_ERROR_STATUSES[i],
+                self.local_errors[i].load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Retries made since start.

@@ -9,7 +9,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use crate::pool::InFlightGuard;
+use crate::pool::{Backend, InFlightGuard};
+use crate::proxy::access_log::AccessRecord;
 
 /// The body Fulcrum sends to a backend: the client's body streamed through, or nothing (a
 /// retried request, whose body was empty).
@@ -55,6 +56,8 @@ pub struct UpstreamBody {
     inner: Incoming,
     sender: Option<SendRequest<RequestBody>>,
     guard: InFlightGuard,
+    /// The access-log line to write when the body is done (only when the log is on).
+    access: Option<Box<AccessRecord>>,
 }
 
 impl UpstreamBody {
@@ -64,7 +67,18 @@ impl UpstreamBody {
             inner,
             sender: Some(sender),
             guard,
+            access: None,
         }
+    }
+
+    /// The backend this body comes from.
+    pub fn backend(&self) -> &Backend {
+        self.guard.backend()
+    }
+
+    /// Writes `record` (with the bytes sent) when the body is finished or dropped.
+    pub fn log_access(&mut self, record: Box<AccessRecord>) {
+        self.access = Some(record);
     }
 
     fn release_connection(&mut self) {
@@ -80,6 +94,9 @@ impl Drop for UpstreamBody {
         // sender). One that had nothing more to read is reusable.
         if self.inner.is_end_stream() {
             self.release_connection();
+        }
+        if let Some(access) = &self.access {
+            access.write();
         }
     }
 }
@@ -112,6 +129,12 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(body) => {
                 let polled = Pin::new(&mut body.inner).poll_frame(cx);
                 match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(access), Some(data)) = (body.access.as_mut(), frame.data_ref())
+                        {
+                            access.bytes += data.len() as u64;
+                        }
+                    }
                     Poll::Ready(None) => body.release_connection(),
                     Poll::Ready(Some(Err(error))) => {
                         body.sender = None;

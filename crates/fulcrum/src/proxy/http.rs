@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use fulcrum_balance::{bounded, splitmix64, PickContext};
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use crate::clock::now_ns;
 use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
+use crate::proxy::access_log::AccessRecord;
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::{add_forwarded, remove_hop_by_hop};
 use crate::proxy::upstream::UpstreamConnection;
@@ -31,6 +33,7 @@ pub struct HttpProxy {
     listener: String,
     pool: Arc<Pool>,
     events: Arc<EventLog>,
+    access_log: bool,
 }
 
 thread_local! {
@@ -59,11 +62,12 @@ pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 
 impl HttpProxy {
     /// A proxy for listener `listener` forwarding to `pool`.
-    pub fn new(listener: &str, pool: Arc<Pool>, events: Arc<EventLog>) -> Self {
+    pub fn new(listener: &str, pool: Arc<Pool>, events: Arc<EventLog>, access_log: bool) -> Self {
         HttpProxy {
             listener: listener.to_string(),
             pool,
             events,
+            access_log,
         }
     }
 
@@ -97,11 +101,33 @@ impl HttpProxy {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let request = match prepare_request(request, client) {
-            Ok(request) => request,
-            Err(message) => return Ok(local_response(StatusCode::BAD_REQUEST, message)),
+        let started = Instant::now();
+        let mut access = self
+            .access_log
+            .then(|| AccessRecord::start(&request, client, started));
+        let mut response = match prepare_request(request, client) {
+            Ok(request) => self.forward(request).await,
+            Err(message) => local_response(StatusCode::BAD_REQUEST, message),
         };
-        Ok(self.forward(request).await)
+        let status = response.status().as_u16();
+        match response.body_mut() {
+            ProxyBody::Upstream(body) => {
+                self.pool.latency.observe(started.elapsed());
+                if let Some(mut record) = access.take() {
+                    record.respond(status, Some(body.backend().address));
+                    body.log_access(record);
+                }
+            }
+            ProxyBody::Full(bytes) => {
+                self.pool.record_local_error(status);
+                if let Some(record) = access.as_mut() {
+                    record.respond(status, None);
+                    record.bytes = bytes.as_ref().map_or(0, |b| b.len() as u64);
+                    record.write();
+                }
+            }
+        }
+        Ok(response)
     }
 
     async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -221,6 +247,7 @@ impl HttpProxy {
             .await;
             let mut error = match sent {
                 Ok(Ok(mut response)) => {
+                    backend.record_status(response.status().as_u16());
                     if response.status().is_server_error() {
                         self.note_failure(snapshot, backend, false);
                     } else {

@@ -1,5 +1,6 @@
 //! The data path: HTTP proxying (hyper), upstream connection pools, response bodies.
 
+pub mod access_log;
 pub mod body;
 pub mod headers;
 pub mod http;

@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -57,6 +59,18 @@ struct IdleConnection {
 pub struct ConnectionPool {
     address: SocketAddr,
     idle: ArrayQueue<IdleConnection>,
+    stats: Arc<ConnectionStats>,
+}
+
+/// Counters of one backend's upstream connections.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections opened since start.
+    pub opened: AtomicU64,
+    /// Requests sent on a reused (pooled) connection since start.
+    pub reused: AtomicU64,
 }
 
 impl fmt::Debug for ConnectionPool {
@@ -74,7 +88,13 @@ impl ConnectionPool {
         ConnectionPool {
             address,
             idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            stats: Arc::default(),
         }
+    }
+
+    /// Connection counters.
+    pub fn stats(&self) -> &ConnectionStats {
+        &self.stats
     }
 
     /// Number of idle connections held now.
@@ -94,6 +114,7 @@ impl ConnectionPool {
             }
             // Normally ready at once; errs if the backend closed the connection meanwhile.
             if idle.sender.ready().await.is_ok() {
+                self.stats.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(UpstreamConnection {
                     sender: idle.sender,
                     reused: true,
@@ -119,10 +140,14 @@ impl ConnectionPool {
             .await
             .map_err(ConnectError::Handshake)?;
         let address = self.address;
+        let stats = self.stats.clone();
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.opened.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
             }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(UpstreamConnection {
             sender,

@@ -1,0 +1,266 @@
+//! Prometheus metrics. The numbers live where they are counted (atomics on backends, pools,
+//! listeners); a [`Collector`] reads them at scrape time, so the data path never touches a
+//! metrics registry or a lock.
+
+pub mod histogram;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::server::Server;
+
+/// Reads a running server's numbers at scrape time.
+#[derive(Debug)]
+struct ServerCollector {
+    server: Weak<Server>,
+}
+
+/// A value with label pairs.
+type Sample<'a, V> = (Vec<(&'static str, String)>, V);
+
+fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[Sample<'_, V>],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        metric
+            .encode_family(labels)?
+            .encode_counter::<prometheus_client::encoding::NoLabelSet, _, f64>(value, None)?;
+    }
+    Ok(())
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[Sample<'_, V>],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        metric.encode_family(labels)?.encode_gauge(value)?;
+    }
+    Ok(())
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Collector for ServerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(server) = self.server.upgrade() else {
+            return Ok(());
+        };
+        let pools = server.pools();
+        let mut requests = Vec::new();
+        let mut in_flight = Vec::new();
+        let mut up = Vec::new();
+        let mut weight = Vec::new();
+        let mut ejections = Vec::new();
+        let mut failures = Vec::new();
+        let mut upstream_open = Vec::new();
+        let mut upstream_opened = Vec::new();
+        let mut upstream_reused = Vec::new();
+        let mut local = Vec::new();
+        let mut retries = Vec::new();
+        for (name, handle) in pools.iter() {
+            let pool = &handle.pool;
+            let snapshot = pool.snapshot();
+            for backend in snapshot.backends.iter().chain(&snapshot.retiring) {
+                let labels = || vec![("pool", name.clone()), ("backend", backend.id.clone())];
+                for (class, label) in CLASSES.iter().enumerate() {
+                    let mut l = labels();
+                    l.push(("class", label.to_string()));
+                    requests.push((l, backend.response_count(class)));
+                }
+                in_flight.push((labels(), i64::from(backend.in_flight_count())));
+                up.push((labels(), i64::from(backend.is_available())));
+                weight.push((labels(), i64::from(backend.effective_weight())));
+                ejections.push((labels(), backend.ejection_count()));
+                failures.push((labels(), backend.failure_count()));
+                let stats = backend.connections.stats();
+                upstream_open.push((labels(), stats.open.load(Ordering::Relaxed) as i64));
+                upstream_opened.push((labels(), stats.opened.load(Ordering::Relaxed)));
+                upstream_reused.push((labels(), stats.reused.load(Ordering::Relaxed)));
+            }
+            for (status, count) in pool.local_error_counts() {
+                local.push((
+                    vec![("pool", name.clone()), ("status", status.to_string())],
+                    count,
+                ));
+            }
+            retries.push((vec![("pool", name.clone())], pool.retry_count()));
+        }
+        counter(
+            &mut encoder,
+            "fulcrum_backend_responses",
+            "Backend answers by pool, backend and status class.",
+            &requests,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_local_responses",
+            "Responses Fulcrum generated itself (502, 503, 504) by pool.",
+            &local,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_backend_in_flight",
+            "Requests in flight per backend.",
+            &in_flight,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_backend_up",
+            "1 when the backend can take new requests (healthy, enabled, not ejected).",
+            &up,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_backend_effective_weight",
+            "Weight the balancer uses now.",
+            &weight,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_backend_ejections",
+            "Passive ejections per backend.",
+            &ejections,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_backend_failures",
+            "Failed exchanges (connect errors, resets, timeouts) per backend.",
+            &failures,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_retries",
+            "Requests retried on another backend, by pool.",
+            &retries,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_upstream_connections_open",
+            "Open connections to backends.",
+            &upstream_open,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_upstream_connections_opened",
+            "Connections opened to backends.",
+            &upstream_opened,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_upstream_requests_reused",
+            "Requests sent on a reused backend connection.",
+            &upstream_reused,
+        )?;
+
+        let mut histogram = encoder.encode_descriptor(
+            "fulcrum_request_duration_seconds",
+            "Time from receiving a request to sending the backend's response head, by pool.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (name, handle) in pools.iter() {
+            let (sum, count, buckets) = handle.pool.latency.snapshot();
+            let labels = vec![("pool", name.clone())];
+            histogram
+                .encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+        }
+
+        let listeners = server.listener_stats();
+        let open: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.open.load(Ordering::Relaxed) as i64,
+                )
+            })
+            .collect();
+        let accepted: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.accepted.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let refused: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.refused.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "fulcrum_client_connections_open",
+            "Open client connections by listener.",
+            &open,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_client_connections_accepted",
+            "Client connections accepted by listener.",
+            &accepted,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_client_connections_refused",
+            "Client connections refused at the connection limit.",
+            &refused,
+        )?;
+        let reloads = vec![
+            (
+                vec![("result", "applied".to_string())],
+                server.reloads.applied.load(Ordering::Relaxed),
+            ),
+            (
+                vec![("result", "refused".to_string())],
+                server.reloads.refused.load(Ordering::Relaxed),
+            ),
+        ];
+        counter(
+            &mut encoder,
+            "fulcrum_reloads",
+            "Configuration reloads by result.",
+            &reloads,
+        )?;
+        Ok(())
+    }
+}
+
+/// A registry exposing everything `server` counts.
+pub fn registry(server: &Arc<Server>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ServerCollector {
+        server: Arc::downgrade(server),
+    }));
+    registry
+}
+
+/// Renders the registry in the Prometheus / OpenMetrics text format.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::with_capacity(16 * 1024);
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        text.clear();
+    }
+    text
+}
