@@ -9,6 +9,7 @@ pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod events;
 pub mod health;
 pub mod metrics;

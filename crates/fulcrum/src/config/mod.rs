@@ -17,7 +17,7 @@ use toml::Spanned;
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
-pub use types::{AlgorithmName, BackendSpec, ConfigDuration, ListenAddr};
+pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, ListenAddr};
 
 /// A whole Fulcrum configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -174,6 +174,16 @@ pub struct PoolConfig {
     /// traffic over all backends anyway, as the least bad option.
     #[serde(default)]
     pub panic_mode: bool,
+    /// How often backends written as HOST:PORT are re-resolved.
+    #[serde(default = "default_resolve_every")]
+    pub resolve_every: ConfigDuration,
+    /// DNS servers for HOST:PORT backends ("IP:PORT"); the system's resolv.conf when empty.
+    #[serde(default)]
+    pub dns_servers: Vec<ListenAddr>,
+}
+
+fn default_resolve_every() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
 }
 
 fn default_drain_timeout() -> ConfigDuration {
@@ -307,7 +317,7 @@ impl Config {
             }
             let mut seen = std::collections::HashSet::new();
             for backend in pool.backends.get_ref() {
-                if !seen.insert(backend.get_ref().address) {
+                if !seen.insert(&backend.get_ref().address) {
                     return Err((
                         backend.span(),
                         format!(

@@ -70,16 +70,81 @@ impl<'de> Deserialize<'de> for AlgorithmName {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
     /// Where the backend listens.
-    pub address: SocketAddr,
+    pub address: BackendAddress,
     /// Relative share of traffic; 1 by default, 0 means no new traffic.
     pub weight: u32,
+}
+
+/// A backend's address: a fixed socket address, or a DNS name re-resolved every
+/// `resolve_every` (each address it resolves to becomes a backend on `port`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddress {
+    /// "IP:PORT".
+    Ip(SocketAddr),
+    /// "HOST:PORT".
+    Dns {
+        /// The name to resolve.
+        host: String,
+        /// The port every resolved address is used with.
+        port: u16,
+    },
+}
+
+impl BackendAddress {
+    /// The socket address, for fixed addresses.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            BackendAddress::Ip(address) => Some(*address),
+            BackendAddress::Dns { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddress::Ip(address) => write!(f, "{address}"),
+            BackendAddress::Dns { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Parses "IP:PORT" or "HOST:PORT" (a DNS name of letters, digits, '-' and '.').
+fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(BackendAddress::Ip(address));
+    }
+    let valid_host = |host: &str| {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.chars().any(|c| c.is_ascii_alphabetic())
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+    };
+    match text.rsplit_once(':') {
+        Some((host, port)) if valid_host(host) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .map(|port| BackendAddress::Dns {
+                host: host.to_string(),
+                port,
+            })
+            .ok_or_else(|| format!("invalid port in \"{text}\": expected 1-65535")),
+        _ => Err(format!(
+            "invalid address \"{text}\": expected IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8080\", or HOST:PORT, like \"app.internal:8080\""
+        )),
+    }
 }
 
 /// The table form of a backend, with unknown keys refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendTable {
-    address: ListenAddr,
+    address: String,
     #[serde(default = "default_weight")]
     weight: u32,
 }
@@ -96,24 +161,52 @@ impl<'de> Deserialize<'de> for BackendSpec {
             type Value = BackendSpec;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a backend: \"IP:PORT\" or { address = \"IP:PORT\", weight = N }")
+                f.write_str(
+                    "a backend: \"IP:PORT\", \"HOST:PORT\" or { address = \"...\", weight = N }",
+                )
             }
 
             fn visit_str<E: de::Error>(self, text: &str) -> Result<BackendSpec, E> {
-                parse_socket_addr(text)
+                parse_backend_address(text)
                     .map(|address| BackendSpec { address, weight: 1 })
                     .map_err(E::custom)
             }
 
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<BackendSpec, M::Error> {
                 let table = BackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let address = parse_backend_address(&table.address).map_err(de::Error::custom)?;
                 Ok(BackendSpec {
-                    address: table.address.0,
+                    address,
                     weight: table.weight,
                 })
             }
         }
 
         deserializer.deserialize_any(BackendVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_addresses_parse() {
+        assert_eq!(
+            parse_backend_address("10.0.0.1:80").unwrap(),
+            BackendAddress::Ip("10.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_backend_address("app.internal:8080").unwrap(),
+            BackendAddress::Dns {
+                host: "app.internal".into(),
+                port: 8080
+            }
+        );
+        assert!(parse_backend_address("localhost:0").is_err());
+        assert!(parse_backend_address("nope").is_err());
+        assert!(parse_backend_address("1.2.3:80").is_err());
+        assert!(parse_backend_address("bad_host:80").is_err());
+        assert!(parse_backend_address("127.0.0.1:99999").is_err());
     }
 }

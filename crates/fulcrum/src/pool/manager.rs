@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use super::{AdminState, Backend, Pool, PoolSettings, PoolSnapshot};
-use crate::config::{HealthConfig, PoolConfig};
+use crate::config::{BackendAddress, HealthConfig, PoolConfig};
+use crate::discovery::dns::{self, DnsTarget};
 use crate::events::EventLog;
 use crate::health::{run_checks, ActiveCheck};
 
@@ -67,6 +68,15 @@ pub enum PoolCommand {
         now: bool,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<(), PoolError>>,
+    },
+    /// The full set of addresses a discovery source (e.g. a DNS name) resolves to now.
+    Discovered {
+        /// The source ("HOST:PORT").
+        source: String,
+        /// Every address behind it.
+        addresses: Vec<SocketAddr>,
+        /// Weight for new backends from it.
+        weight: u32,
     },
     /// Apply a new configuration of this pool (reload).
     Reconfigure {
@@ -167,6 +177,44 @@ pub struct PoolManager {
     health: Option<HealthConfig>,
     /// The running check task of each member.
     checks: HashMap<SocketAddr, AbortHandle>,
+    /// Addresses each discovery source currently provides.
+    discovered: HashMap<String, Vec<SocketAddr>>,
+    /// The DNS discovery task and what it was started with.
+    dns: Option<(DnsSettings, AbortHandle)>,
+    /// A handle on our own command queue, for discovery tasks (weak: they must not keep the
+    /// manager alive).
+    commands: Option<mpsc::WeakSender<PoolCommand>>,
+}
+
+/// What the DNS discovery task of a pool runs with (restarted when this changes).
+#[derive(Debug, Clone, PartialEq)]
+struct DnsSettings {
+    targets: Vec<DnsTarget>,
+    servers: Vec<SocketAddr>,
+    interval: Duration,
+}
+
+impl DnsSettings {
+    fn of(config: &PoolConfig) -> Option<DnsSettings> {
+        let targets: Vec<DnsTarget> = config
+            .backends
+            .get_ref()
+            .iter()
+            .filter_map(|b| match &b.get_ref().address {
+                BackendAddress::Dns { host, port } => Some(DnsTarget {
+                    host: host.clone(),
+                    port: *port,
+                    weight: b.get_ref().weight,
+                }),
+                BackendAddress::Ip(_) => None,
+            })
+            .collect();
+        (!targets.is_empty()).then(|| DnsSettings {
+            targets,
+            servers: config.dns_servers.iter().map(|s| s.0).collect(),
+            interval: config.resolve_every.0,
+        })
+    }
 }
 
 impl PoolManager {
@@ -188,6 +236,9 @@ impl PoolManager {
             retry_window: std::collections::VecDeque::with_capacity(RETRY_WINDOW_TICKS + 1),
             health: config.health.clone(),
             checks: HashMap::new(),
+            discovered: HashMap::new(),
+            dns: None,
+            commands: None,
         };
         drop(snapshot);
         let mut manager = manager;
@@ -196,6 +247,8 @@ impl PoolManager {
         }
         // Commands are rare (operators, reloads, discovery); a short queue applies back-pressure.
         let (commands, receiver) = mpsc::channel(64);
+        manager.commands = Some(commands.downgrade());
+        manager.restart_dns(DnsSettings::of(config));
         tokio::spawn(manager.run(receiver, stop));
         PoolHandle { pool, commands }
     }
@@ -219,6 +272,78 @@ impl PoolManager {
         }
         for (_, check) in self.checks.drain() {
             check.abort();
+        }
+        if let Some((_, task)) = self.dns.take() {
+            task.abort();
+        }
+    }
+
+    /// (Re)starts DNS discovery when its settings changed; sources no longer configured have
+    /// their backends drained.
+    fn restart_dns(&mut self, settings: Option<DnsSettings>) {
+        if self.dns.as_ref().map(|(s, _)| s) == settings.as_ref() {
+            return;
+        }
+        if let Some((_, task)) = self.dns.take() {
+            task.abort();
+        }
+        let sources: Vec<String> = settings
+            .iter()
+            .flat_map(|s| s.targets.iter().map(DnsTarget::source))
+            .collect();
+        let gone: Vec<String> = self
+            .discovered
+            .keys()
+            .filter(|k| !sources.contains(k))
+            .cloned()
+            .collect();
+        for source in gone {
+            self.discovered(source, Vec::new(), 0);
+        }
+        let (Some(settings), Some(commands)) = (settings, self.commands.clone()) else {
+            return;
+        };
+        let task = tokio::spawn(dns::run(
+            self.pool.name.clone(),
+            settings.targets.clone(),
+            settings.servers.clone(),
+            settings.interval,
+            commands,
+        ));
+        self.dns = Some((settings, task.abort_handle()));
+    }
+
+    /// A discovery source now resolves to `addresses`: new ones join, vanished ones drain.
+    /// Addresses also listed as fixed backends are left alone.
+    fn discovered(&mut self, source: String, addresses: Vec<SocketAddr>, weight: u32) {
+        let previous = self.discovered.remove(&source).unwrap_or_default();
+        for address in &previous {
+            if !addresses.contains(address)
+                && !self.from_file.contains_key(address)
+                && self.position(*address).is_some()
+            {
+                let _ = self.remove(*address, false);
+                self.events.record(
+                    "discovery",
+                    Some(&self.pool.name),
+                    Some(&address.to_string()),
+                    format!("{source} no longer resolves to {address}"),
+                );
+            }
+        }
+        for address in &addresses {
+            if self.position(*address).is_none() {
+                let _ = self.add(*address, weight);
+                self.events.record(
+                    "discovery",
+                    Some(&self.pool.name),
+                    Some(&address.to_string()),
+                    format!("{source} resolves to {address}"),
+                );
+            }
+        }
+        if !addresses.is_empty() {
+            self.discovered.insert(source, addresses);
         }
     }
 
@@ -276,6 +401,11 @@ impl PoolManager {
             } => {
                 let _ = reply.send(self.remove(address, now));
             }
+            PoolCommand::Discovered {
+                source,
+                addresses,
+                weight,
+            } => self.discovered(source, addresses, weight),
             PoolCommand::Reconfigure { config, reply } => {
                 self.reconfigure(&config);
                 let _ = reply.send(Ok(()));
@@ -403,6 +533,7 @@ impl PoolManager {
                 self.start_checks(&backend);
             }
         }
+        self.restart_dns(DnsSettings::of(config));
         let old_file = std::mem::take(&mut self.from_file);
         for (address, old_weight) in &old_file {
             if !new_file.contains_key(address) && self.position(*address).is_some() {
@@ -518,6 +649,11 @@ fn file_backends(config: &PoolConfig) -> HashMap<SocketAddr, u32> {
         .backends
         .get_ref()
         .iter()
-        .map(|b| (b.get_ref().address, b.get_ref().weight))
+        .filter_map(|b| {
+            b.get_ref()
+                .address
+                .ip()
+                .map(|address| (address, b.get_ref().weight))
+        })
         .collect()
 }

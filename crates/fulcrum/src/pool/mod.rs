@@ -144,7 +144,12 @@ impl Pool {
             .backends
             .get_ref()
             .iter()
-            .map(|spec| Backend::new(spec.get_ref().address, spec.get_ref().weight))
+            .filter_map(|spec| {
+                let spec = spec.get_ref();
+                spec.address
+                    .ip()
+                    .map(|address| Backend::new(address, spec.weight))
+            })
             .collect();
         let initial_allowance = i64::from(settings.retry_min_per_second);
         Arc::new(Pool {
