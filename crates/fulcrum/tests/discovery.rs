@@ -15,7 +15,7 @@ struct Dnsmasq {
     child: Child,
     hosts: std::path::PathBuf,
     address: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Dnsmasq {
@@ -28,29 +28,53 @@ impl Dnsmasq {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("dnsmasq")
+        let log_path = dir.path().join("dnsmasq.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new("dnsmasq")
             .args([
-                "--keep-in-foreground",
+                // Debug mode: foreground, logs to stderr, and never changes user or
+                // capabilities (which a locked-down container may refuse).
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--log-facility=-",
+                "--log-queries",
                 "--no-resolv",
                 "--no-hosts",
                 "--bind-interfaces",
                 "--listen-address=127.0.0.1",
-                "--user=root",
                 "--local-ttl=0",
                 &format!("--port={port}"),
                 &format!("--addn-hosts={}", hosts_path.display()),
-                &format!("--pid-file={}", dir.path().join("pid").display()),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("dnsmasq is needed for this test (apt-get install dnsmasq-base)");
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        // Ready when it answers a query of its own (bounded); say why if it never does.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !answers_query(address, "app.fulcrum.test") {
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "dnsmasq never answered (exit: {exited:?}); its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Dnsmasq {
             child,
             hosts: hosts_path,
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
-            _dir: dir,
+            address,
+            dir,
         }
+    }
+
+    /// What dnsmasq has logged so far (queries included).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dnsmasq.log")).unwrap_or_default()
     }
 
     /// Replaces the records and tells dnsmasq to re-read them.
@@ -62,6 +86,25 @@ impl Dnsmasq {
             .unwrap();
         assert!(status.success());
     }
+}
+
+/// Sends one A query for `name` and reports whether an answer came back within 200 ms.
+fn answers_query(server: SocketAddr, name: &str) -> bool {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    if socket.send_to(&query, server).is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 512];
+    matches!(socket.recv_from(&mut answer), Ok((n, _)) if n >= 12 && answer[..2] == [0x12, 0x34])
 }
 
 impl Drop for Dnsmasq {
@@ -104,8 +147,9 @@ async fn dns_backends_follow_the_records_without_loss() {
             app_backends(&lb).await.contains_key(&a_id)
         })
         .await,
-        "name never resolved: {}",
-        lb.logs()
+        "name never resolved: {}\ndnsmasq log:\n{}",
+        lb.logs(),
+        dns.log()
     );
     let load = Load::start(&format!("http://{}/", lb.addr), 16, Duration::from_secs(20));
     assert!(
