@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
 use crate::config::{Config, ListenerConfig};
 use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
@@ -61,6 +62,8 @@ pub struct ListenerStats {
 struct Running {
     config: Config,
     listeners: BTreeMap<String, ListenerTask>,
+    /// The autoscaler of each pool that has one.
+    autoscalers: BTreeMap<String, AutoscalerHandle>,
 }
 
 /// A running Fulcrum: pools, listeners, the event log, and the handles to reload and stop it.
@@ -74,6 +77,8 @@ pub struct Server {
     shutdown_timeout: Duration,
     /// Connection counters of the listeners, by name (for metrics; lock-free read).
     listener_stats: ArcSwap<Vec<(String, Arc<ListenerStats>)>>,
+    /// Autoscaler numbers by pool (for metrics; lock-free read).
+    autoscale_stats: ArcSwap<Vec<(String, Arc<AutoscaleStats>)>>,
     /// Reloads applied and refused since start.
     pub reloads: ReloadCounters,
 }
@@ -117,10 +122,12 @@ impl Server {
             running: Mutex::new(Running {
                 config: Config::default(),
                 listeners: BTreeMap::new(),
+                autoscalers: BTreeMap::new(),
             }),
             stop_managers,
             shutdown_timeout: config.server.shutdown_timeout.0,
             listener_stats: ArcSwap::from_pointee(Vec::new()),
+            autoscale_stats: ArcSwap::from_pointee(Vec::new()),
             reloads: ReloadCounters::default(),
         });
         server.apply(config).await?;
@@ -253,6 +260,7 @@ impl Server {
             .collect();
         self.pools.store(Arc::new(pools));
         let pools = self.pools.load_full();
+        self.apply_autoscale(&mut running, &config, &pools);
 
         for (name, listener_config, socket) in to_start {
             let pool = pools
@@ -303,6 +311,64 @@ impl Server {
         Ok(report)
     }
 
+    /// Starts, updates and stops the pools' autoscalers to match `config`.
+    fn apply_autoscale(
+        &self,
+        running: &mut Running,
+        config: &Config,
+        pools: &BTreeMap<String, PoolHandle>,
+    ) {
+        let mut old = std::mem::take(&mut running.autoscalers);
+        for (name, pool_config) in &config.pools {
+            let (Some(autoscale), Some(pool)) = (&pool_config.autoscale, pools.get(name)) else {
+                continue;
+            };
+            let autoscale = autoscale.get_ref().clone();
+            let handle = match old.remove(name) {
+                Some(handle) => {
+                    handle.update(autoscale, pool_config.health.clone());
+                    handle
+                }
+                None => AutoscalerHandle::spawn(
+                    pool.clone(),
+                    autoscale,
+                    pool_config.health.clone(),
+                    self.events.clone(),
+                ),
+            };
+            running.autoscalers.insert(name.clone(), handle);
+        }
+        for (name, handle) in old {
+            // Autoscaling turned off: its backends drain out of the pool and stop. Pool
+            // removed: nothing routes there any more, so its processes just stop.
+            let release = pools.contains_key(&name);
+            tracing::info!(pool = %name, "autoscaling removed by reload");
+            tokio::spawn(handle.stop(release));
+        }
+        self.autoscale_stats.store(Arc::new(
+            running
+                .autoscalers
+                .iter()
+                .map(|(name, a)| (name.clone(), a.stats.clone()))
+                .collect(),
+        ));
+    }
+
+    /// The autoscalers' state, for the admin API.
+    pub async fn autoscale_status(&self) -> Vec<AutoscaleStatus> {
+        let running = self.running.lock().await;
+        running
+            .autoscalers
+            .iter()
+            .map(|(name, a)| a.status(name))
+            .collect()
+    }
+
+    /// The autoscalers' numbers by pool (for metrics; lock-free read).
+    pub fn autoscale_stats(&self) -> Arc<Vec<(String, Arc<AutoscaleStats>)>> {
+        self.autoscale_stats.load_full()
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), then
     /// closes what is left.
     pub async fn shutdown(&self) {
@@ -317,6 +383,13 @@ impl Server {
         for task in tasks {
             let _ = task.await;
         }
+        // Requests are done: autoscaled backend processes can stop.
+        let autoscalers = std::mem::take(&mut running.autoscalers);
+        let mut stops = tokio::task::JoinSet::new();
+        for (_, autoscaler) in autoscalers {
+            stops.spawn(autoscaler.stop(false));
+        }
+        stops.join_all().await;
         let _ = self.stop_managers.send(true);
         tracing::info!("shutdown complete");
     }

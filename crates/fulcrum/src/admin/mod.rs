@@ -229,6 +229,10 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
         .into_response()
 }
 
+async fn autoscale(State(server): State<Arc<Server>>) -> ApiResult {
+    Ok(Json(server.autoscale_status().await).into_response())
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -245,6 +249,7 @@ pub fn router(server: Arc<Server>, token: Option<String>) -> Router {
         )
         .route("/api/reload", post(reload))
         .route("/api/events", get(events))
+        .route("/api/autoscale", get(autoscale))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)

@@ -1,6 +1,7 @@
 //! The TOML configuration: schema (serde), parsing with `file:line:column` errors, and the
 //! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
 
+mod autoscale;
 mod health;
 mod types;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use autoscale::{AutoscaleConfig, AutoscaleMetric, AutoscaleProvider};
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
@@ -180,6 +182,9 @@ pub struct PoolConfig {
     /// DNS servers for HOST:PORT backends ("IP:PORT"); the system's resolv.conf when empty.
     #[serde(default)]
     pub dns_servers: Vec<ListenAddr>,
+    /// Autoscaling; none when absent.
+    #[serde(default)]
+    pub autoscale: Option<Spanned<AutoscaleConfig>>,
 }
 
 fn default_resolve_every() -> ConfigDuration {
@@ -309,7 +314,7 @@ impl Config {
             }
         }
         for (name, pool) in &self.pools {
-            if pool.backends.get_ref().is_empty() {
+            if pool.backends.get_ref().is_empty() && pool.autoscale.is_none() {
                 return Err((
                     pool.backends.span(),
                     format!("pool `{name}` has no backends: expected at least one \"IP:PORT\""),
@@ -325,6 +330,11 @@ impl Config {
                             backend.get_ref().address
                         ),
                     ));
+                }
+            }
+            if let Some(autoscale) = &pool.autoscale {
+                if let Some(problem) = autoscale.get_ref().problems() {
+                    return Err((autoscale.span(), format!("pool `{name}`: {problem}")));
                 }
             }
             if pool.max_attempts == 0 {

@@ -243,8 +243,97 @@ impl Collector for ServerCollector {
             "Configuration reloads by result.",
             &reloads,
         )?;
+        encode_autoscale(&mut encoder, &server)?;
         Ok(())
     }
+}
+
+/// The autoscalers' numbers: pool size, wanted size, smoothed load, decisions, failures.
+fn encode_autoscale(
+    encoder: &mut DescriptorEncoder,
+    server: &Server,
+) -> Result<(), std::fmt::Error> {
+    let stats = server.autoscale_stats();
+    if stats.is_empty() {
+        return Ok(());
+    }
+    let pool = |name: &String| vec![("pool", name.clone())];
+    let backends: Vec<_> = stats
+        .iter()
+        .map(|(n, s)| (pool(n), s.backends.load(Ordering::Relaxed) as i64))
+        .collect();
+    gauge(
+        encoder,
+        "fulcrum_autoscale_backends",
+        "Backends in an autoscaled pool.",
+        &backends,
+    )?;
+    let desired: Vec<_> = stats
+        .iter()
+        .map(|(n, s)| (pool(n), s.desired.load(Ordering::Relaxed) as i64))
+        .collect();
+    gauge(
+        encoder,
+        "fulcrum_autoscale_desired_backends",
+        "Pool size the smoothed load asks for (within min..max).",
+        &desired,
+    )?;
+    let load: Vec<_> = stats
+        .iter()
+        .map(|(n, s)| {
+            (
+                pool(n),
+                s.load_per_backend_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+            )
+        })
+        .collect();
+    gauge(
+        encoder,
+        "fulcrum_autoscale_load_per_backend",
+        "Smoothed autoscale metric per backend.",
+        &load,
+    )?;
+    let decisions: Vec<_> = stats
+        .iter()
+        .flat_map(|(n, s)| {
+            [
+                (
+                    vec![("pool", n.clone()), ("direction", "up".to_string())],
+                    s.scale_ups.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("pool", n.clone()), ("direction", "down".to_string())],
+                    s.scale_downs.load(Ordering::Relaxed),
+                ),
+            ]
+        })
+        .collect();
+    counter(
+        encoder,
+        "fulcrum_autoscale_decisions",
+        "Scale decisions carried out, by direction.",
+        &decisions,
+    )?;
+    let failures: Vec<_> = stats
+        .iter()
+        .map(|(n, s)| (pool(n), s.failures.load(Ordering::Relaxed)))
+        .collect();
+    counter(
+        encoder,
+        "fulcrum_autoscale_failures",
+        "Provider failures (backend not started or not ready, command failed).",
+        &failures,
+    )?;
+    let replacements: Vec<_> = stats
+        .iter()
+        .map(|(n, s)| (pool(n), s.replacements.load(Ordering::Relaxed)))
+        .collect();
+    counter(
+        encoder,
+        "fulcrum_autoscale_replacements",
+        "Crashed autoscaled backends replaced.",
+        &replacements,
+    )
 }
 
 /// A registry exposing everything `server` counts.

@@ -1,0 +1,221 @@
+//! Where autoscaled backends come from: local processes started from a command template, or
+//! user commands that create and delete backends on some platform.
+
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::process::{Child, Command};
+
+/// Replaces `{port}`, `{name}`, `{address}` and `{pool}` in each word of a command template.
+pub fn expand(template: &[String], values: &[(&str, &str)]) -> Vec<String> {
+    template
+        .iter()
+        .map(|word| {
+            values.iter().fold(word.clone(), |word, (key, value)| {
+                word.replace(&format!("{{{key}}}"), value)
+            })
+        })
+        .collect()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").context("no free port on 127.0.0.1")?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// A backend process started by the process provider.
+#[derive(Debug)]
+pub struct BackendProcess {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Its `{name}`.
+    pub name: String,
+    child: Child,
+}
+
+impl BackendProcess {
+    /// Starts `template` with a free port and `name`. The child dies with us (parent-death
+    /// signal) and is killed if this value is dropped.
+    pub fn spawn(template: &[String], name: &str, pool: &str) -> Result<BackendProcess> {
+        let port = free_port()?;
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let words = expand(
+            template,
+            &[
+                ("port", &port.to_string()),
+                ("name", name),
+                ("address", &address.to_string()),
+                ("pool", pool),
+            ],
+        );
+        let (program, args) = words.split_first().context("empty command")?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        #[allow(unsafe_code)]
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // async-signal-safe system call (prctl).
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", words.join(" ")))?;
+        Ok(BackendProcess {
+            address,
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    /// The exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits for the exit.
+    pub async fn stop(mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+                return;
+            }
+            tracing::warn!(backend = %self.address, ?grace, "backend did not stop after SIGTERM; killing it");
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Runs a user command with `timeout`; returns its stdout, or why it failed (exit status and
+/// the end of its stderr).
+pub async fn run_command(words: &[String], timeout: Duration) -> Result<String> {
+    let (program, args) = words.split_first().context("empty command")?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", words.join(" ")))?;
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(output) => output.with_context(|| format!("`{}` failed", words.join(" ")))?,
+        Err(_) => bail!("`{}` timed out after {timeout:?}", words.join(" ")),
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: String = stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect();
+        bail!(
+            "`{}` exited with {}: {tail}",
+            words.join(" "),
+            output.status
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Reads the backend addresses a `scale_up` command printed: one "IP:PORT" per non-empty line.
+pub fn parse_addresses(stdout: &str) -> Result<Vec<SocketAddr>> {
+    let mut addresses = Vec::new();
+    for (number, line) in stdout.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let address = line.parse().with_context(|| {
+            format!(
+                "scale_up output line {}: expected \"IP:PORT\", got {line:?}",
+                number + 1
+            )
+        })?;
+        addresses.push(address);
+    }
+    if addresses.is_empty() {
+        bail!("scale_up printed no backend address (expected one \"IP:PORT\" per line)");
+    }
+    Ok(addresses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_expand_every_placeholder() {
+        let template = vec![
+            "fulcrum".to_string(),
+            "--listen".to_string(),
+            "127.0.0.1:{port}".to_string(),
+            "--name={name}".to_string(),
+        ];
+        assert_eq!(
+            expand(&template, &[("port", "9001"), ("name", "app-1")]),
+            ["fulcrum", "--listen", "127.0.0.1:9001", "--name=app-1"]
+        );
+    }
+
+    #[test]
+    fn scale_up_output_is_parsed_strictly() {
+        assert_eq!(
+            parse_addresses("10.0.0.5:80\n\n# comment\n[::1]:8080\n").unwrap(),
+            vec![
+                "10.0.0.5:80".parse::<SocketAddr>().unwrap(),
+                "[::1]:8080".parse().unwrap()
+            ]
+        );
+        let error = parse_addresses("ok\n").unwrap_err().to_string();
+        assert!(error.contains("line 1"), "{error}");
+        assert!(parse_addresses("\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn commands_report_failure_and_timeout() {
+        let out = run_command(
+            &["echo".into(), "127.0.0.1:1".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.trim(), "127.0.0.1:1");
+        let error = run_command(
+            &["sh".into(), "-c".into(), "echo nope >&2; exit 3".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("nope"), "{error}");
+        let error = run_command(&["sleep".into(), "5".into()], Duration::from_millis(100))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("timed out"), "{error}");
+    }
+}
