@@ -50,6 +50,10 @@ enum Command {
         /// How many demo backends to start.
         #[arg(long, default_value_t = 3)]
         backends: usize,
+        /// Start with one backend and let the autoscaler add backend processes under load
+        /// (up to `--backends`, at least 4) and remove them when idle.
+        #[arg(long)]
+        autoscale: bool,
     },
     /// Run a demo backend server (for demos, tests and benchmarks).
     Backend {
@@ -107,10 +111,18 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             runtime(config.server.workers)?.block_on(run_until_signal(config, Some(&path)))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { listen, backends } => {
+        Command::Demo {
+            listen,
+            backends,
+            autoscale,
+        } => {
             init_logging(cli_format.unwrap_or_default());
             runtime(0)?.block_on(async move {
-                let config = fulcrum::demo::start_demo_backends(listen, backends).await?;
+                let config = if autoscale {
+                    fulcrum::demo::autoscaled_demo(listen, backends.max(4))?
+                } else {
+                    fulcrum::demo::start_demo_backends(listen, backends).await?
+                };
                 run_until_signal(config, None).await
             })?;
             Ok(ExitCode::SUCCESS)

@@ -126,3 +126,39 @@ fn shipped_examples_are_valid() {
     }
     assert!(checked > 0, "no examples found in {dir}");
 }
+
+#[test]
+fn bad_autoscale_tables_name_line_and_column() {
+    let table = |body: &str| format!("{GOOD}[pools.app.autoscale]\n{body}\n");
+    let cases = [
+        (
+            table("provider = \"process\"\ncommand = [\"x\"]\nmetric = \"cpu\"\ntarget = 50\nmin = 3\nmax = 2"),
+            "FILE:9:1:",
+            "min <= max",
+        ),
+        (
+            table("provider = \"process\"\nmetric = \"inflight_per_backend\"\ntarget = 4\nmax = 2"),
+            "FILE:9:1:",
+            "needs `command`",
+        ),
+        (
+            table("provider = \"kubernetes\"\nmetric = \"cpu\"\ntarget = 4\nmax = 2"),
+            "FILE:10:12:",
+            "expected `process` or `command`",
+        ),
+        (
+            table("provider = \"command\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\nmetric = \"rps_per_backend\"\ntarget = 0\nmax = 2"),
+            "FILE:9:1:",
+            "target must be greater than 0",
+        ),
+    ];
+    for (text, position, expected) in cases {
+        let (code, stderr) = check(&text);
+        assert_eq!(code, 1, "{text}\n{stderr}");
+        assert!(stderr.starts_with(position), "want {position} got {stderr}");
+        assert!(stderr.contains(expected), "want {expected:?} in {stderr}");
+    }
+    let good = table("provider = \"process\"\ncommand = [\"fulcrum\", \"backend\", \"--listen\", \"127.0.0.1:{port}\"]\nmetric = \"inflight_per_backend\"\ntarget = 4\nmax = 4");
+    let (code, stderr) = check(&good);
+    assert_eq!(code, 0, "{stderr}");
+}
