@@ -8,6 +8,7 @@ pub mod admin;
 pub mod backend;
 pub mod clock;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod discovery;
 pub mod events;
