@@ -160,11 +160,7 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
     let client = Client::new(&admin, token)?;
     let json = args.json;
     let backend_path = |pool: &str, address: &str| {
-        format!(
-            "/api/pools/{}/backends/{}",
-            encode(pool),
-            encode(address)
-        )
+        format!("/api/pools/{}/backends/{}", encode(pool), encode(address))
     };
     match args.command {
         CtlCommand::Pools => {
@@ -206,7 +202,11 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Drain { pool, address } => {
             set_state(&client, &backend_path(&pool, &address), "drain", json)
                 .await
-                .map(|out| out.unwrap_or_else(|| format!("{address} in pool {pool}: draining (no new requests)\n")))
+                .map(|out| {
+                    out.unwrap_or_else(|| {
+                        format!("{address} in pool {pool}: draining (no new requests)\n")
+                    })
+                })
         }
         CtlCommand::Activate { pool, address } => {
             set_state(&client, &backend_path(&pool, &address), "active", json)
@@ -216,7 +216,11 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Maint { pool, address } => {
             set_state(&client, &backend_path(&pool, &address), "maint", json)
                 .await
-                .map(|out| out.unwrap_or_else(|| format!("{address} in pool {pool}: maintenance (no traffic)\n")))
+                .map(|out| {
+                    out.unwrap_or_else(|| {
+                        format!("{address} in pool {pool}: maintenance (no traffic)\n")
+                    })
+                })
         }
         CtlCommand::Remove { pool, address, now } => {
             let mut path = backend_path(&pool, &address);
@@ -330,7 +334,12 @@ impl Client {
     }
 
     /// Calls the API; a 2xx answer's JSON, else an error built from the API's error JSON.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError> {
         match tokio::time::timeout(CALL_TIMEOUT, self.exchange(method.clone(), path, body)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(CtlError(format!(
@@ -341,12 +350,23 @@ impl Client {
         }
     }
 
-    async fn exchange(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
-        let unreachable = |why: String| CtlError(format!("cannot reach admin API at {}: {why}", self.base));
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CtlError> {
+        let unreachable =
+            |why: String| CtlError(format!("cannot reach admin API at {}: {why}", self.base));
         let connect = TcpStream::connect((self.host.as_str(), self.port));
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| unreachable(format!("connect timed out after {}s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|_| {
+                unreachable(format!(
+                    "connect timed out after {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -363,7 +383,10 @@ impl Client {
             .method(method.clone())
             .uri(format!("{}{path}", self.prefix))
             .header(HOST, host_header)
-            .header(USER_AGENT, concat!("fulcrum-ctl/", env!("CARGO_PKG_VERSION")));
+            .header(
+                USER_AGENT,
+                concat!("fulcrum-ctl/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(token) = &self.token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -491,7 +514,10 @@ fn text(value: &Value) -> String {
 }
 
 fn backends(pool: &Value) -> &[Value] {
-    pool["backends"].as_array().map(Vec::as_slice).unwrap_or(&[])
+    pool["backends"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
 }
 
 fn pools_table(pools: &Value) -> String {
@@ -670,7 +696,8 @@ mod tests {
 
     #[test]
     fn api_errors_are_one_line() {
-        let body = json!({ "error": "invalid request body: unknown field `wieght`", "field": "wieght" });
+        let body =
+            json!({ "error": "invalid request body: unknown field `wieght`", "field": "wieght" });
         assert_eq!(
             api_error(StatusCode::BAD_REQUEST, Some(&body), b""),
             "400 invalid request body: unknown field `wieght`"
