@@ -9,6 +9,7 @@ pub mod autoscale;
 pub mod backend;
 pub mod clock;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod discovery;
 pub mod events;

@@ -70,6 +70,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
     },
+    /// Control a running balancer through its admin API (pools, backends, reload, events).
+    Ctl(fulcrum::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +91,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         LogFormatArg::Json => LogFormat::Json,
     });
     match cli.command {
+        Command::Ctl(args) => Ok(fulcrum::ctl::main(args)),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

@@ -109,6 +109,29 @@ pub struct ReloadReport {
     pub pools_removed: Vec<String>,
 }
 
+impl std::fmt::Display for ReloadReport {
+    /// "listeners added: web; pools updated: app", or "no changes".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            ("listeners added", &self.listeners_added),
+            ("listeners changed", &self.listeners_changed),
+            ("listeners removed", &self.listeners_removed),
+            ("pools added", &self.pools_added),
+            ("pools updated", &self.pools_updated),
+            ("pools removed", &self.pools_removed),
+        ]
+        .iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(label, names)| format!("{label}: {}", names.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            f.write_str("no changes")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}
+
 impl Server {
     /// Builds the pools and binds every listener; fails (with the listener's name and address)
     /// when one cannot be bound. Serving starts at once. `config_path` is what reloads re-read.
@@ -178,7 +201,7 @@ impl Server {
             Ok(report) => {
                 self.reloads.applied.fetch_add(1, Ordering::Relaxed);
                 self.events
-                    .record("reload", None, None, format!("reload applied: {report:?}"))
+                    .record("reload", None, None, format!("reload applied: {report}"))
             }
             Err(error) => {
                 self.reloads.refused.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -89,6 +90,13 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         };
         ApiError::field(&field, format!("invalid request body: {message}"))
     })
+}
+
+/// A parsed query string, or a 400 naming `field` (the only parameter of the endpoint).
+fn parse_query<T>(query: Result<Query<T>, QueryRejection>, field: &str) -> Result<T, ApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|rejection| ApiError::field(field, rejection.body_text()))
 }
 
 fn parse_address(text: &str) -> Result<SocketAddr, ApiError> {
@@ -183,9 +191,10 @@ struct RemoveQuery {
 async fn remove_backend(
     State(server): State<Arc<Server>>,
     Path((name, address)): Path<(String, String)>,
-    Query(query): Query<RemoveQuery>,
+    query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> ApiResult {
     let handle = pool(&server, &name)?;
+    let query = parse_query(query, "now")?;
     let address = parse_address(&address)?;
     handle.remove(address, query.now).await?;
     let status = if query.now {
@@ -212,7 +221,11 @@ struct EventsQuery {
     limit: Option<usize>,
 }
 
-async fn events(State(server): State<Arc<Server>>, Query(query): Query<EventsQuery>) -> ApiResult {
+async fn events(
+    State(server): State<Arc<Server>>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult {
+    let query = parse_query(query, "limit")?;
     let limit = query.limit.unwrap_or(100).min(MAX_EVENTS);
     Ok(Json(server.events().recent(limit)).into_response())
 }

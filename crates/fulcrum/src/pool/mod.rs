@@ -274,6 +274,8 @@ pub struct BackendStatus {
     pub failures: u64,
     /// Removed from the pool, finishing in-flight requests.
     pub removing: bool,
+    /// Latency estimate in milliseconds (the balancer's EWMA); null while none is known.
+    pub latency_ms: Option<f64>,
 }
 
 impl BackendStatus {
@@ -297,6 +299,10 @@ impl BackendStatus {
             requests: backend.request_count(),
             failures: backend.failure_count(),
             removing,
+            latency_ms: {
+                let ns = fulcrum_balance::Candidate::latency_ns(backend, crate::clock::now_ns());
+                (ns > 0).then(|| ns as f64 / 1e6)
+            },
         }
     }
 }
