@@ -753,6 +753,8 @@ def report(ctx, args, results, started_at):
                  ("p90 ms", "p90", ".2f", ""), ("p99 ms", "p99", ".2f", "")]
     if "slow" in results:
         print_main_table("(b) one of 3 backends +50 ms, wrk -c32", results["slow"], cols_slow)
+        if results["slow"].get("fulcrum", {}).get("algorithm") not in (None, "peak_ewma"):
+            print("\nFulcrum ran `p2c`: this build's `fulcrum check` refuses `peak_ewma`.")
         shares = {k: v.get("shares") for k, v in results["slow"].items()}
         if any(shares.values()):
             print("\nShare of requests sent to the slow backend: " + ", ".join(
@@ -819,7 +821,9 @@ def targets(results):
         return text, "met" if ok else "not met"
 
     def reuse_row():
-        if not f or f.get("reuse") is None:
+        if not f:
+            return "—", "not run"
+        if f.get("reuse") is None:
             return "—", "not measured (backend /stats missing)"
         return f"{f['reuse']:.3f}%", "met" if f["reuse"] >= 99.9 else "not met"
 

@@ -37,6 +37,46 @@ def send(address, count):
     conn.close()
 
 
+def function_name(text):
+    """`file:function [object]` as printed by callgrind_annotate -> `function`."""
+    text = re.sub(r"\s+\[[^\]]*\]$", "", text.strip())
+    m = re.match(r"(?:\?\?\?|\S*?\.(?:rs|c|S|h|cc|cpp|inc)):(.*)$", text)
+    return m.group(1) if m else text
+
+
+def self_costs(path):
+    """Self (exclusive) instructions per function from a callgrind dump, parsed directly
+    (callgrind_annotate 3.19 folds every self cost of a mid-run dump into `clone`)."""
+    names, costs, edges, current, callee, skip_next = {}, {}, {}, "?", "?", False
+
+    def resolve(value):
+        m = re.match(r"\((\d+)\)(?:\s+(.*))?$", value)
+        if not m:
+            return value
+        if m.group(2):
+            names[m.group(1)] = m.group(2)
+        return names.get(m.group(1), value)
+
+    with open(path) as f:
+        for line in f:
+            if line.startswith("fn="):
+                current = resolve(line[3:].strip())
+            elif line.startswith("cfn="):
+                callee = resolve(line[4:].strip())
+            elif line.startswith("calls="):
+                skip_next = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                fields = line.split()
+                if skip_next:
+                    skip_next = False
+                    if len(fields) >= 2:
+                        edges[(current, callee)] = edges.get((current, callee), 0) + int(fields[1])
+                    continue
+                if len(fields) >= 2:
+                    costs[current] = costs.get(current, 0) + int(fields[1])
+    return costs, edges
+
+
 def totals(path):
     with open(path) as f:
         for line in f:
@@ -93,7 +133,7 @@ def main():
         deadline = time.monotonic() + 30
         dumps = []
         while time.monotonic() < deadline and not dumps:
-            dumps = [p for p in set(glob.glob(out_file + "*")) - before if os.path.getsize(p)]
+            dumps = [p for p in set(glob.glob(out_file + ".*")) - before if os.path.getsize(p)]
             time.sleep(0.1)
         if not dumps:
             sys.exit("callgrind did not write the dump")
@@ -102,24 +142,34 @@ def main():
         instructions = totals(dump)
         per_request = instructions / args.requests
         annotate = subprocess.run(
-            ["callgrind_annotate", "--inclusive=yes", f"--threshold=99", dump],
+            ["callgrind_annotate", "--inclusive=yes", "--auto=no", "--threshold=0.5", dump],
             capture_output=True, text=True).stdout
-        self_cost = subprocess.run(
-            ["callgrind_annotate", "--inclusive=no", f"--threshold=99", dump],
-            capture_output=True, text=True).stdout
+        costs, edges = self_costs(dump)
+        own = sorted(costs.items(), key=lambda kv: -kv[1])
     finally:
         bench.stop_all()
 
     print(f"fulcrum ({args.algorithm}, workers = 1) under callgrind: {args.requests} requests "
           f"({elapsed:.1f} s) after {args.warmup} warm-up")
     print(f"instructions per proxied request: {per_request:,.0f}")
-    for title, text in (("inclusive", annotate), ("self", self_cost)):
+    print("\ntop functions (self, share of all instructions):")
+    for name, cost in own[: args.top]:
+        print(f"  {100.0 * cost / instructions:>5.2f}%  {cost / args.requests:>10,.0f} /req  "
+              f"{name[:140]}")
+    for primitive in ("__memcpy_avx_unaligned_erms", "malloc", "_int_free"):
+        callers = sorted(((cost, caller) for (caller, c), cost in edges.items()
+                          if c == primitive), reverse=True)[:6]
+        if callers:
+            print(f"\ncallers of {primitive} (instructions per request spent in it):")
+            for cost, caller in callers:
+                print(f"  {cost / args.requests:>8,.0f} /req  {caller[:140]}")
+    for title, text in (("inclusive", annotate),):
         print(f"\ntop functions ({title}, share of all instructions):")
         rows = 0
         for line in text.splitlines():
             m = re.match(r"\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)", line)
             if m and rows < args.top:
-                name = re.sub(r"^\S+:", "", m.group(3)).strip()
+                name = function_name(m.group(3))
                 print(f"  {m.group(2):>6}%  {int(m.group(1).replace(',', '')) / args.requests:>10,.0f}"
                       f" /req  {name[:140]}")
                 rows += 1
