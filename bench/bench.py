@@ -468,6 +468,16 @@ def interleaved(ctx, backends, algorithms, connections, label):
     return medians
 
 
+def established(address):
+    """Established connections on the listening side of `address` (ss), or None without ss."""
+    if shutil.which("ss") is None:
+        return None
+    port = address.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return len(out.splitlines())
+
+
 def idle_rss(ctx, backends, count):
     """RSS of each balancer holding `count` idle keep-alive client connections."""
     results = {}
@@ -481,8 +491,13 @@ def idle_rss(ctx, backends, count):
                                        timeout=120)
             time.sleep(0.5)  # let the balancer settle its buffers after the last answers
             after = rss_kib(balancer.pids())
+            held = established(balancer.address)
+            if held is None:
+                held = int(match.group(1))
+            elif held < int(match.group(1)):
+                log(f"  [idle] {kind}: only {held} of {match.group(1)} connections still open "
+                    f"when RSS was read (the balancer closed idle ones)")
             stop(holder)
-            held = int(match.group(1))
             results[kind] = {"rss_before": before, "rss": after, "held": held,
                              "per_conn": (after - before) / max(held, 1)}
             log(f"  [idle] {kind:8} {held} connections: RSS {before} -> {after} KiB "
