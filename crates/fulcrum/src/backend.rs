@@ -2,13 +2,16 @@
 //!
 //! Every path answers 200 with `X-Backend: NAME` and a small JSON body (name, method, path,
 //! received header count, and the length and FNV-1a hash of the request body it read).
-//! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`].
+//! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`];
+//! `/stats` answers `{"connections":C,"requests":R}`: connections accepted and requests answered
+//! so far (the benchmarks derive the upstream connection reuse share from them).
 //! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
 //! `echo=headers` adds the received headers to the JSON body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -76,6 +79,8 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
     let state = Arc::new(BackendServer {
         name: HeaderValue::from_str(&name).context("backend name must be a valid header value")?,
         delay: options.delay,
+        connections: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
     });
     tokio::spawn(accept_loop(listener, state));
     Ok(address)
@@ -84,6 +89,10 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
 struct BackendServer {
     name: HeaderValue,
     delay: Duration,
+    /// Connections accepted so far.
+    connections: AtomicU64,
+    /// Requests answered so far (`/stats` excluded).
+    requests: AtomicU64,
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
@@ -98,6 +107,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
         let service = service_fn(move |request| {
             let state = state.clone();
@@ -168,7 +178,15 @@ impl BackendServer {
         let query = parts.uri.query();
         let mut response = if path == "/healthz" {
             Response::new(BackendBody::Full(Some(Bytes::from_static(b"ok\n"))))
+        } else if path == "/stats" {
+            let text = format!(
+                "{{\"connections\":{},\"requests\":{}}}\n",
+                self.connections.load(Ordering::Relaxed),
+                self.requests.load(Ordering::Relaxed)
+            );
+            Response::new(BackendBody::Full(Some(Bytes::from(text))))
         } else {
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let mut received = 0u64;
             let mut hash = Fnv1a::default();
             while let Some(frame) = body.frame().await {
