@@ -108,7 +108,7 @@ async fn echo_pattern(addr: SocketAddr, total: u64) -> Duration {
     let pattern: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(
         (0..PERIOD + CHUNK)
             .map(|i| {
-                ((i % PERIOD) as u64).wrapping_mul(2_654_435_761) as u8 ^ (i % PERIOD >> 8) as u8
+                ((i % PERIOD) as u64).wrapping_mul(2_654_435_761) as u8 ^ ((i % PERIOD) >> 8) as u8
             })
             .collect(),
     );
