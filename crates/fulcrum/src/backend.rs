@@ -5,6 +5,9 @@
 //! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`];
 //! `/stats` answers `{"connections":C,"requests":R}`: connections accepted and requests answered
 //! so far (the benchmarks derive the upstream connection reuse share from them).
+//! `/ws` is a WebSocket echo server. The JSON body's `client` (and the `X-Client-Addr`
+//! header) is the client address: the peer's, or with `--proxy-protocol` the one the PROXY
+//! header carries. [`spawn_tcp_echo`] is the raw TCP echo server (`--tcp-echo`).
 //! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
 //! `echo=headers` adds the received headers to the JSON body.
 
@@ -18,7 +21,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use futures_util::{SinkExt, StreamExt};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    UPGRADE,
+};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -26,10 +33,18 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::proxy::proxy_protocol::read_header;
 
 /// Header naming the backend that answered.
 pub static X_BACKEND: HeaderName = HeaderName::from_static("x-backend");
+/// Header with the client address the backend saw (the PROXY header's, when one was sent).
+pub static X_CLIENT_ADDR: HeaderName = HeaderName::from_static("x-client-addr");
 
 /// Size of the chunks `/bytes/N` streams.
 const CHUNK: usize = 64 * 1024;
@@ -41,6 +56,62 @@ pub struct BackendOptions {
     pub name: Option<String>,
     /// Delay before every answer (except `/healthz`).
     pub delay: Duration,
+    /// Expect a PROXY protocol header (v1 or v2) on every connection and report the client
+    /// address it carries.
+    pub proxy_protocol: bool,
+}
+
+/// How long a client may take to send its PROXY protocol header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the PROXY header of a new connection: the carried client address (the peer's when
+/// the header carries none), or `None` when the header is bad (logged; close the connection).
+async fn proxied_client(stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_header(stream)).await {
+        Ok(Ok(carried)) => Some(carried.map_or(peer, |c| c.source)),
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "backend: bad PROXY protocol header");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "backend: no PROXY protocol header in time");
+            None
+        }
+    }
+}
+
+/// Binds `listen` and serves a TCP echo server in a background task (every connection gets
+/// back exactly the bytes it sends). With `proxy_protocol`, each connection's PROXY header is
+/// read and not echoed. Returns the bound address.
+pub async fn spawn_tcp_echo(listen: SocketAddr, proxy_protocol: bool) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("backend cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::error!(%error, "backend accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                if proxy_protocol && proxied_client(&mut stream, peer).await.is_none() {
+                    return;
+                }
+                let _ = stream.set_nodelay(true);
+                let (read, mut write) = stream.into_split();
+                let mut read = tokio::io::BufReader::with_capacity(CHUNK, read);
+                if tokio::io::copy_buf(&mut read, &mut write).await.is_ok() {
+                    let _ = write.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok(address)
 }
 
 /// The byte at `offset` of the `/bytes/N` stream: a simple pattern a client can recompute.
@@ -81,6 +152,7 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
         delay: options.delay,
         connections: AtomicU64::new(0),
         requests: AtomicU64::new(0),
+        proxy_protocol: options.proxy_protocol,
     });
     tokio::spawn(accept_loop(listener, state));
     Ok(address)
@@ -93,12 +165,13 @@ struct BackendServer {
     connections: AtomicU64,
     /// Requests answered so far (`/stats` excluded).
     requests: AtomicU64,
+    proxy_protocol: bool,
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (mut stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::error!(%error, "backend accept failed");
@@ -109,15 +182,23 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { state.answer(request).await }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            let client = if state.proxy_protocol {
+                match proxied_client(&mut stream, peer).await {
+                    Some(client) => client,
+                    None => return,
+                }
+            } else {
+                peer
+            };
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { state.answer(request, client).await }
+            });
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -171,8 +252,12 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 impl BackendServer {
     async fn answer(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
     ) -> Result<Response<BackendBody>, Infallible> {
+        if request.uri().path() == "/ws" {
+            return Ok(self.websocket_echo(&mut request));
+        }
         let (parts, mut body) = request.into_parts();
         let path = parts.uri.path().to_string();
         let query = parts.uri.query();
@@ -221,6 +306,7 @@ impl BackendServer {
                     "headers": parts.headers.len(),
                     "body_bytes": received,
                     "body_fnv": format!("{:016x}", hash.0),
+                    "client": client.to_string(),
                 });
                 if query_param(query, "echo") == Some("headers") {
                     let echoed: serde_json::Map<String, serde_json::Value> = parts
@@ -249,10 +335,60 @@ impl BackendServer {
         };
         let headers = response.headers_mut();
         headers.insert(X_BACKEND.clone(), self.name.clone());
+        if let Ok(client) = HeaderValue::from_str(&client.to_string()) {
+            headers.insert(X_CLIENT_ADDR.clone(), client);
+        }
         if !path.starts_with("/bytes/") {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         Ok(response)
+    }
+}
+
+impl BackendServer {
+    /// `/ws`: a WebSocket echo server (text and binary messages come back as sent).
+    fn websocket_echo(&self, request: &mut Request<Incoming>) -> Response<BackendBody> {
+        let key = request.headers().get(SEC_WEBSOCKET_KEY).cloned();
+        let is_websocket = request
+            .headers()
+            .get(UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let Some(key) = key.filter(|_| is_websocket) else {
+            let mut response = Response::new(BackendBody::Full(Some(Bytes::from_static(
+                b"expected a WebSocket upgrade\n",
+            ))));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            return response;
+        };
+        let upgrade = hyper::upgrade::on(request);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else {
+                return;
+            };
+            let mut socket =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(message)) = socket.next().await {
+                let echo = match message {
+                    Message::Text(_) | Message::Binary(_) => message,
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if socket.send(echo).await.is_err() {
+                    break;
+                }
+            }
+            let _ = socket.close(None).await;
+        });
+        let mut response = Response::new(BackendBody::Full(None));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        headers.insert(X_BACKEND.clone(), self.name.clone());
+        response
     }
 }
 

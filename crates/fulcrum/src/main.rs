@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use fulcrum::backend::{spawn_backend, BackendOptions};
+use fulcrum::backend::{spawn_backend, spawn_tcp_echo, BackendOptions};
 use fulcrum::config::{Config, LogFormat};
 use fulcrum::server::Server;
 
@@ -69,6 +69,13 @@ enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Expect a PROXY protocol header (v1 or v2) on every connection and report the
+        /// client address it carries (JSON `client`, header X-Client-Addr).
+        #[arg(long)]
+        proxy_protocol: bool,
+        /// Be a raw TCP echo server instead of an HTTP server.
+        #[arg(long)]
+        tcp_echo: bool,
     },
     /// Control a running balancer through its admin API (pools, backends, reload, events).
     Ctl(fulcrum::ctl::CtlArgs),
@@ -135,12 +142,24 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             name,
             delay_ms,
             workers,
+            proxy_protocol,
+            tcp_echo,
         } => {
             init_logging(cli_format.unwrap_or_default());
             runtime(workers.max(1))?.block_on(async move {
+                if tcp_echo {
+                    let address = spawn_tcp_echo(listen, proxy_protocol).await?;
+                    println!(
+                        "listening backend tcp://{address} name={}",
+                        name.unwrap_or_else(|| address.to_string())
+                    );
+                    wait_for_signal().await;
+                    return anyhow::Ok(());
+                }
                 let options = BackendOptions {
                     name: name.clone(),
                     delay: Duration::from_millis(delay_ms),
+                    proxy_protocol,
                 };
                 let address = spawn_backend(listen, options).await?;
                 println!(

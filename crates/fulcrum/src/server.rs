@@ -19,7 +19,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
@@ -286,6 +286,7 @@ impl Server {
         self.apply_autoscale(&mut running, &config, &pools);
 
         for (name, listener_config, socket) in to_start {
+            let tunnel_idle_timeout = listener_config.idle_timeout.0;
             let pool = pools
                 .get(listener_config.pool.get_ref())
                 .map(|h| h.pool.clone())
@@ -299,7 +300,8 @@ impl Server {
                 &name,
                 listener_config,
                 socket,
-                HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log),
+                HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
+                    .with_tunnel_idle_timeout(tunnel_idle_timeout),
                 self.shutdown_timeout,
             )?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
@@ -445,14 +447,25 @@ fn start_listener(
     };
     let (stop, stopped) = watch::channel(false);
     let stats = Arc::new(ListenerStats::default());
-    let task = tokio::spawn(serve_http(
-        socket,
-        Arc::new(proxy),
-        config.clone(),
-        stopped,
-        shutdown_timeout,
-        stats.clone(),
-    ));
+    let task = if config.protocol == ListenerProtocol::Tcp {
+        tokio::spawn(crate::proxy::tcp::serve_tcp(
+            socket,
+            Arc::new(crate::proxy::tcp::TcpProxy::new(proxy, &config)),
+            config.max_connections,
+            stopped,
+            shutdown_timeout,
+            stats.clone(),
+        ))
+    } else {
+        tokio::spawn(serve_http(
+            socket,
+            Arc::new(proxy),
+            config.clone(),
+            stopped,
+            shutdown_timeout,
+            stats.clone(),
+        ))
+    };
     Ok(ListenerTask {
         config,
         bound,
@@ -529,6 +542,18 @@ async fn serve_http(
             continue;
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if config.accept_proxy_protocol {
+            serve_connection_after_proxy_header(
+                &builder,
+                &graceful,
+                stream,
+                client,
+                proxy.clone(),
+                (permit, stats.clone()),
+                config.header_read_timeout.0,
+            );
+            continue;
+        }
         serve_connection(
             &builder,
             &graceful,
@@ -562,12 +587,46 @@ fn serve_connection(
         async move { proxy.handle(request, client).await }
     });
     let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%client, %error, "client connection ended with an error");
+        }
+        drop(permit);
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Like [`serve_connection`], for listeners behind a front load balancer: first reads the
+/// PROXY protocol header (within `header_timeout`; a bad or missing one closes the connection)
+/// and serves the connection as coming from the client address it carries.
+fn serve_connection_after_proxy_header(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
+    header_timeout: Duration,
+) {
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let header = crate::proxy::tcp::read_proxy_header(&mut stream, header_timeout, peer).await;
+        if let Some(carried) = header {
+            let client = carried.map_or(peer, |c| c.source);
+            let _ = stream.set_nodelay(true);
+            let service = service_fn(move |request| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(request, client).await }
+            });
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%client, %error, "client connection ended with an error");
+            }
         }
         drop(permit);
         stats.open.fetch_sub(1, Ordering::Relaxed);

@@ -100,6 +100,8 @@ impl Default for AdminConfig {
 pub enum ListenerProtocol {
     /// HTTP/1.1 (and HTTP/2 with prior knowledge) in clear text.
     Http,
+    /// Raw TCP: each client connection is forwarded byte for byte to one backend.
+    Tcp,
 }
 
 /// `[listeners.NAME]`: one client-facing socket.
@@ -122,6 +124,19 @@ pub struct ListenerConfig {
     /// Largest request head accepted; larger gets 431. At least 8 KiB.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Expect a PROXY protocol header (v1 or v2) from a front load balancer on every
+    /// connection, and use the client address it carries (read within `header_read_timeout`).
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
+    /// TCP sessions and upgraded (WebSocket) connections idle this long in both directions
+    /// are closed.
+    #[serde(default = "default_tunnel_idle_timeout")]
+    pub idle_timeout: ConfigDuration,
+}
+
+fn default_tunnel_idle_timeout() -> ConfigDuration {
+    // Long-lived sessions (databases, WebSockets) are normal; 10 minutes still reaps dead peers.
+    ConfigDuration(Duration::from_secs(600))
 }
 
 fn default_protocol() -> ListenerProtocol {
@@ -185,6 +200,20 @@ pub struct PoolConfig {
     /// Autoscaling; none when absent.
     #[serde(default)]
     pub autoscale: Option<Spanned<AutoscaleConfig>>,
+    /// Send a PROXY protocol header ("v1" or "v2") with the client's address at the start of
+    /// every backend connection (TCP listeners only).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+/// Which PROXY protocol header to send to backends.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolVersion {
+    /// The text header: `PROXY TCP4 src dst sport dport\r\n`.
+    V1,
+    /// The binary header (what HAProxy and most servers prefer).
+    V2,
 }
 
 fn default_resolve_every() -> ConfigDuration {
@@ -303,6 +332,16 @@ impl Config {
                         "listener `{name}` uses pool `{}`, which is not defined (defined pools: {})",
                         listener.pool.get_ref(),
                         if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            let pool = &self.pools[listener.pool.get_ref()];
+            if pool.proxy_protocol.is_some() && listener.protocol != ListenerProtocol::Tcp {
+                return Err((
+                    listener.pool.span(),
+                    format!(
+                        "listener `{name}`: pool `{}` sends a PROXY protocol header, which only TCP listeners support (pooled HTTP connections are shared by many clients)",
+                        listener.pool.get_ref()
                     ),
                 ));
             }

@@ -70,6 +70,8 @@ impl Collector for ServerCollector {
         let mut upstream_reused = Vec::new();
         let mut local = Vec::new();
         let mut retries = Vec::new();
+        let mut sessions = Vec::new();
+        let mut session_bytes = Vec::new();
         for (name, handle) in pools.iter() {
             let pool = &handle.pool;
             let snapshot = pool.snapshot();
@@ -89,6 +91,16 @@ impl Collector for ServerCollector {
                 upstream_open.push((labels(), stats.open.load(Ordering::Relaxed) as i64));
                 upstream_opened.push((labels(), stats.opened.load(Ordering::Relaxed)));
                 upstream_reused.push((labels(), stats.reused.load(Ordering::Relaxed)));
+                let tunnels = &backend.sessions;
+                sessions.push((labels(), tunnels.opened.load(Ordering::Relaxed)));
+                for (direction, bytes) in [
+                    ("to_backend", &tunnels.bytes_to_backend),
+                    ("to_client", &tunnels.bytes_to_client),
+                ] {
+                    let mut l = labels();
+                    l.push(("direction", direction.to_string()));
+                    session_bytes.push((l, bytes.load(Ordering::Relaxed)));
+                }
             }
             for (status, count) in pool.local_error_counts() {
                 local.push((
@@ -163,6 +175,19 @@ impl Collector for ServerCollector {
             "fulcrum_upstream_requests_reused",
             "Requests sent on a reused backend connection.",
             &upstream_reused,
+        )?;
+
+        counter(
+            &mut encoder,
+            "fulcrum_backend_sessions",
+            "TCP-mode sessions and upgraded (WebSocket) connections opened per backend.",
+            &sessions,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_backend_session_bytes",
+            "Bytes relayed by TCP sessions and upgraded connections, per backend and direction.",
+            &session_bytes,
         )?;
 
         let mut histogram = encoder.encode_descriptor(

@@ -10,6 +10,7 @@ use fulcrum_balance::Candidate;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ns;
+use crate::proxy::tcp::SessionStats;
 use crate::proxy::upstream::ConnectionPool;
 
 /// Live numbers and flags of one backend. Updated with atomics from the data path and the
@@ -39,6 +40,8 @@ pub struct BackendState {
     agent_verdict: AtomicU8,
     /// Idle keep-alive connections to this backend.
     pub connections: ConnectionPool,
+    /// TCP-mode sessions and upgraded (WebSocket) connections: counts and bytes.
+    pub sessions: SessionStats,
 }
 
 /// A shared handle on a backend's state; what snapshots hold and balancers see.
@@ -70,6 +73,7 @@ impl Backend {
             agent_percent: AtomicU8::new(100),
             agent_verdict: AtomicU8::new(AgentVerdict::Up as u8),
             connections: ConnectionPool::new(address),
+            sessions: SessionStats::default(),
         }))
     }
 

@@ -47,6 +47,8 @@ pub struct PoolSettings {
     pub retry_percent: u32,
     /// Retries always allowed per second.
     pub retry_min_per_second: u32,
+    /// PROXY protocol header sent at the start of backend connections (TCP mode).
+    pub proxy_protocol: Option<crate::config::ProxyProtocolVersion>,
 }
 
 impl PoolSettings {
@@ -69,6 +71,7 @@ impl PoolSettings {
             panic_mode: config.panic_mode,
             retry_percent: config.retry_budget.percent,
             retry_min_per_second: config.retry_budget.min_per_second,
+            proxy_protocol: config.proxy_protocol,
         }
     }
 }

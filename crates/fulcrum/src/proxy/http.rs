@@ -30,10 +30,12 @@ const MAX_ATTEMPTS_CAP: usize = 8;
 /// Proxies the requests of one listener to its pool.
 #[derive(Debug)]
 pub struct HttpProxy {
-    listener: String,
-    pool: Arc<Pool>,
+    pub(crate) listener: String,
+    pub(crate) pool: Arc<Pool>,
     events: Arc<EventLog>,
     access_log: bool,
+    /// Idle timeout of upgraded (WebSocket) connections.
+    pub(crate) tunnel_idle_timeout: std::time::Duration,
 }
 
 thread_local! {
@@ -68,12 +70,19 @@ impl HttpProxy {
             pool,
             events,
             access_log,
+            tunnel_idle_timeout: std::time::Duration::from_secs(600),
         }
+    }
+
+    /// Sets the idle timeout of upgraded (WebSocket) connections.
+    pub fn with_tunnel_idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.tunnel_idle_timeout = timeout;
+        self
     }
 
     /// Records a failed exchange with `backend`: failure counter, connect back-off (when
     /// `backoff`), and passive ejection, capped at the pool's `max_ejected_percent`.
-    fn note_failure(&self, snapshot: &PoolSnapshot, backend: &Backend, backoff: bool) {
+    pub(crate) fn note_failure(&self, snapshot: &PoolSnapshot, backend: &Backend, backoff: bool) {
         backend.record_failure(backoff.then_some(snapshot.settings.failure_backoff));
         let Some(policy) = &snapshot.settings.passive else {
             return;
@@ -105,9 +114,14 @@ impl HttpProxy {
         let mut access = self
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
-        let mut response = match prepare_request(request, client) {
-            Ok(request) => self.forward(request).await,
-            Err(message) => local_response(StatusCode::BAD_REQUEST, message),
+        let mut response = if crate::proxy::upgrade::is_upgrade(&request) {
+            self.forward_upgrade(request, client, self.tunnel_idle_timeout)
+                .await
+        } else {
+            match prepare_request(request, client) {
+                Ok(request) => self.forward(request).await,
+                Err(message) => local_response(StatusCode::BAD_REQUEST, message),
+            }
         };
         let status = response.status().as_u16();
         match response.body_mut() {
@@ -344,7 +358,7 @@ impl ReplayableHead {
 
 /// Rewrites a client request for the backend: origin-form URI, HTTP/1.1, `Host` kept (or set
 /// from an HTTP/2 `:authority`), hop-by-hop headers removed, `X-Forwarded-*` added.
-fn prepare_request(
+pub(crate) fn prepare_request(
     mut request: Request<Incoming>,
     client: SocketAddr,
 ) -> Result<Request<Incoming>, &'static str> {

@@ -24,7 +24,7 @@ pub struct Proc {
     child: Option<Child>,
     /// Address from the readiness line.
     pub addr: SocketAddr,
-    /// Every `listening NAME http://ADDR` line: NAME → ADDR.
+    /// Every `listening NAME SCHEME://ADDR` line: NAME → ADDR.
     pub listeners: HashMap<String, SocketAddr>,
     /// Where the process's stderr (its logs) goes.
     pub log_path: PathBuf,
@@ -145,7 +145,7 @@ fn spawn(
             let name = words.next().unwrap_or_default().to_string();
             let addr: SocketAddr = words
                 .next()
-                .and_then(|u| u.strip_prefix("http://"))
+                .and_then(|u| u.split_once("://").map(|(_, a)| a))
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("bad readiness line {line:?}"));
             first.get_or_insert(addr);
@@ -188,6 +188,14 @@ pub fn backend(name: &str, delay_ms: u64) -> Proc {
         None,
         &std::env::temp_dir(),
     )
+}
+
+/// Starts `fulcrum backend --listen 127.0.0.1:0 --name NAME EXTRA...` (e.g. `--tcp-echo`,
+/// `--proxy-protocol`).
+pub fn backend_with(name: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["backend", "--listen", "127.0.0.1:0", "--name", name];
+    args.extend_from_slice(extra);
+    spawn(&args, 1, None, &std::env::temp_dir())
 }
 
 /// Starts a demo backend named `name` on a given address (e.g. to restart a killed one).

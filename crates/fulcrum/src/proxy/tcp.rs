@@ -1,0 +1,409 @@
+//! TCP (L4) mode: every client connection of a `protocol = "tcp"` listener is forwarded byte
+//! for byte to one backend of the pool, picked by the pool's balancer (an open session counts
+//! as one in-flight request, so least-in-flight algorithms balance open sessions), with
+//! failover on connect, an optional PROXY protocol header, an idle timeout and per-backend
+//! counters. [`relay`] is also what carries upgraded HTTP connections (WebSocket).
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use fulcrum_balance::{splitmix64, PickContext};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::ListenerConfig;
+use crate::pool::{Backend, Pool, PoolSnapshot};
+use crate::proxy::http::HttpProxy;
+use crate::proxy::proxy_protocol;
+use crate::server::ListenerStats;
+
+/// Copy buffer per direction. 64 KiB moves bulk data in few syscalls (the 8 KiB default costs
+/// measurably more CPU per byte) while keeping a session at 128 KiB of buffers.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// How often an open session checks for idleness and for its backend's removal.
+const SESSION_TICK: Duration = Duration::from_secs(1);
+
+/// Most backends one connection is tried on (bounds the stack array of tried indexes).
+const MAX_ATTEMPTS_CAP: usize = 8;
+
+/// Counters of one backend's TCP sessions and upgraded connections.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Sessions opened since start.
+    pub opened: AtomicU64,
+    /// Bytes received from clients and sent to this backend.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes received from this backend and sent to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+/// Why a relayed session ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// One side closed and the other finished (normal end).
+    Closed,
+    /// Nothing moved in either direction for the idle timeout.
+    Idle,
+    /// The backend left the pool (drain timeout passed, or removed at once).
+    BackendRemoved,
+    /// A read or write failed (reset, ...).
+    Error(std::io::Error),
+}
+
+/// A stream that counts the bytes read from it (into a session-local and a shared counter).
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    local: &'a AtomicU64,
+    shared: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            this.local.fetch_add(read, Ordering::Relaxed);
+            this.shared.fetch_add(read, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Whether `backend` is still in `pool` (picked from, or draining within its drain timeout).
+fn pool_holds(pool: &Pool, backend: &Backend) -> bool {
+    let snapshot = pool.snapshot();
+    let same = |b: &Backend| std::ptr::eq::<crate::pool::BackendState>(&**b, &**backend);
+    snapshot.backends.iter().any(same) || snapshot.retiring.iter().any(same)
+}
+
+/// Copies bytes both ways between `client` and `upstream` (a connection to `backend` of
+/// `pool`) until both directions end, nothing moves for `idle_timeout`, or the backend leaves
+/// the pool. Bytes are counted on the backend as they move.
+pub async fn relay<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    backend: &Backend,
+    pool: &Pool,
+    idle_timeout: Duration,
+) -> (RelayEnd, u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let to_backend = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let mut client = Counted {
+        inner: client,
+        local: &to_backend,
+        shared: &backend.sessions.bytes_to_backend,
+    };
+    let mut upstream = Counted {
+        inner: upstream,
+        local: &to_client,
+        shared: &backend.sessions.bytes_to_client,
+    };
+    let end = {
+        let copy = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        );
+        tokio::pin!(copy);
+        let mut ticks = tokio::time::interval(SESSION_TICK.min(idle_timeout));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_total = 0;
+        let mut last_change = Instant::now();
+        loop {
+            tokio::select! {
+                result = &mut copy => break match result {
+                    Ok(_) => RelayEnd::Closed,
+                    Err(error) => RelayEnd::Error(error),
+                },
+                _ = ticks.tick() => {
+                    let total = to_backend.load(Ordering::Relaxed) + to_client.load(Ordering::Relaxed);
+                    if total != last_total {
+                        last_total = total;
+                        last_change = Instant::now();
+                    } else if last_change.elapsed() >= idle_timeout {
+                        break RelayEnd::Idle;
+                    }
+                    if !pool_holds(pool, backend) {
+                        break RelayEnd::BackendRemoved;
+                    }
+                }
+            }
+        }
+    };
+    (
+        end,
+        to_backend.load(Ordering::Relaxed),
+        to_client.load(Ordering::Relaxed),
+    )
+}
+
+/// A hash of the client's IP, the balancer's request key (consistent hashing keeps a client
+/// on one backend).
+fn client_key(ip: IpAddr) -> u64 {
+    let bits = match ip {
+        IpAddr::V4(ip) => u64::from(u32::from(ip)),
+        IpAddr::V6(ip) => {
+            let bits = u128::from(ip);
+            (bits >> 64) as u64 ^ bits as u64
+        }
+    };
+    splitmix64(bits)
+}
+
+/// Forwards the connections of one TCP listener to its pool.
+#[derive(Debug)]
+pub struct TcpProxy {
+    http: HttpProxy,
+    accept_proxy_protocol: bool,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl TcpProxy {
+    /// A TCP proxy for the listener `config`, using `http`'s pool, event log and failure
+    /// accounting.
+    pub fn new(http: HttpProxy, config: &ListenerConfig) -> Self {
+        TcpProxy {
+            http,
+            accept_proxy_protocol: config.accept_proxy_protocol,
+            header_read_timeout: config.header_read_timeout.0,
+            idle_timeout: config.idle_timeout.0,
+        }
+    }
+
+    /// Connects to a backend: the balancer's pick, then others on connect failure.
+    async fn connect(
+        &self,
+        snapshot: &PoolSnapshot,
+        client: SocketAddr,
+    ) -> Option<(Backend, TcpStream)> {
+        let settings = &*snapshot.settings;
+        let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
+        let key_hash = client_key(client.ip());
+        for attempt in 0..attempts {
+            let ctx = PickContext {
+                key_hash,
+                random: splitmix64(key_hash ^ crate::clock::now_ns()),
+                now_ns: 0,
+                excluded: &tried[..attempt],
+            };
+            let Some(index) = snapshot.pick(&ctx) else {
+                break;
+            };
+            tried[attempt] = index;
+            let backend = &snapshot.backends[index];
+            match self.connect_to(snapshot, backend).await {
+                Some(stream) => return Some((backend.clone(), stream)),
+                None => continue,
+            }
+        }
+        if settings.panic_mode && !snapshot.backends.is_empty() {
+            tracing::warn!(pool = %self.http.pool.name, "panic mode: no backend available, trying all of them");
+            for backend in snapshot.backends.iter().take(MAX_ATTEMPTS_CAP) {
+                if let Some(stream) = self.connect_to(snapshot, backend).await {
+                    return Some((backend.clone(), stream));
+                }
+            }
+        }
+        None
+    }
+
+    async fn connect_to(&self, snapshot: &PoolSnapshot, backend: &Backend) -> Option<TcpStream> {
+        let timeout = snapshot.settings.connect_timeout;
+        let error = match tokio::time::timeout(timeout, TcpStream::connect(backend.address)).await {
+            Ok(Ok(stream)) => return Some(stream),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("connect timed out after {timeout:?}"),
+        };
+        self.http.note_failure(snapshot, backend, true);
+        tracing::warn!(
+            listener = %self.http.listener, pool = %self.http.pool.name, backend = %backend.address,
+            %error, "backend unreachable; trying another backend"
+        );
+        None
+    }
+
+    /// Serves one client connection to its end.
+    async fn session(&self, mut stream: TcpStream, mut client: SocketAddr) {
+        let mut local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(_) => return,
+        };
+        if self.accept_proxy_protocol {
+            match read_proxy_header(&mut stream, self.header_read_timeout, client).await {
+                Some(Some(carried)) => {
+                    client = carried.source;
+                    local = carried.destination;
+                }
+                Some(None) => {}
+                None => return,
+            }
+        }
+        let snapshot_guard = self.http.pool.snapshot();
+        let snapshot: &PoolSnapshot = &snapshot_guard;
+        let Some((backend, mut upstream)) = self.connect(snapshot, client).await else {
+            tracing::warn!(listener = %self.http.listener, pool = %self.http.pool.name, %client, "no backend available; closing the connection");
+            return;
+        };
+        let _guard = backend.start_request();
+        backend.record_success();
+        backend.sessions.opened.fetch_add(1, Ordering::Relaxed);
+        let _ = upstream.set_nodelay(true);
+        let _ = stream.set_nodelay(true);
+        if let Some(version) = snapshot.settings.proxy_protocol {
+            let header = proxy_protocol::encode(version, client, local);
+            if let Err(error) = upstream.write_all(&header).await {
+                self.http.note_failure(snapshot, &backend, false);
+                tracing::warn!(backend = %backend.address, %error, "cannot send the PROXY protocol header");
+                return;
+            }
+        }
+        let idle_timeout = self.idle_timeout;
+        drop(snapshot_guard);
+        let (end, sent, received) = relay(
+            &mut stream,
+            &mut upstream,
+            &backend,
+            &self.http.pool,
+            idle_timeout,
+        )
+        .await;
+        tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "TCP session ended");
+    }
+}
+
+/// Reads the PROXY header a front load balancer sends, within `timeout`. `None` when the
+/// connection must be closed (logged); `Some(None)` when the header carries no address.
+pub async fn read_proxy_header(
+    stream: &mut TcpStream,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Option<Option<proxy_protocol::ProxiedAddresses>> {
+    match tokio::time::timeout(timeout, proxy_protocol::read_header(stream)).await {
+        Ok(Ok(carried)) => Some(carried),
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "closing connection: bad PROXY protocol header");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%peer, ?timeout, "closing connection: no PROXY protocol header in time");
+            None
+        }
+    }
+}
+
+/// Accepts and forwards the connections of one TCP listener until told to stop, then lets
+/// open sessions finish for up to `shutdown_timeout` and closes the rest.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    proxy: Arc<TcpProxy>,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+    shutdown_timeout: Duration,
+    stats: Arc<ListenerStats>,
+) {
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let mut sessions = JoinSet::new();
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually out of file descriptors: back off briefly instead of spinning.
+                    tracing::error!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, max_connections, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let open = OpenConnection::new(stats.clone());
+        let proxy = proxy.clone();
+        sessions.spawn(async move {
+            proxy.session(stream, client).await;
+            drop((permit, open));
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?shutdown_timeout, open = sessions.len(), "shutdown timeout reached; closing remaining TCP sessions");
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+}
+
+/// Counts one open client connection on its listener while it lives (also when aborted).
+struct OpenConnection(Arc<ListenerStats>);
+
+impl OpenConnection {
+    fn new(stats: Arc<ListenerStats>) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(stats)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_differ_by_address() {
+        let a = client_key("10.0.0.1".parse().unwrap());
+        let b = client_key("10.0.0.2".parse().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a, client_key("10.0.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,224 @@
+//! HTTP/1.1 `Upgrade` pass-through (WebSocket and any other upgrade): the request goes to a
+//! backend on a dedicated connection (never pooled), and when the backend answers
+//! `101 Switching Protocols` both connections are handed over by hyper and relayed byte for
+//! byte. The tunnel holds the backend's in-flight slot for its whole life, so balancing sees
+//! it and a drain waits for it (up to the pool's drain timeout).
+//!
+//! Extended CONNECT over HTTP/2 (RFC 8441) is not supported: HTTP/2 clients fall back to
+//! HTTP/1.1 for WebSockets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fulcrum_balance::PickContext;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::pool::{Backend, PoolSnapshot};
+use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
+use crate::proxy::headers::remove_hop_by_hop;
+use crate::proxy::http::{local_response, prepare_request, HttpProxy};
+use crate::proxy::tcp::relay;
+
+/// Most backends one upgrade request is tried on (connect failures).
+const MAX_ATTEMPTS_CAP: usize = 8;
+
+/// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an
+/// `Upgrade` header).
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Opens a dedicated HTTP/1.1 connection to `backend` that can be upgraded.
+async fn connect(
+    backend: &Backend,
+    timeout: Duration,
+) -> Result<http1::SendRequest<RequestBody>, String> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.address)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(format!("connect failed: {error}")),
+        Err(_) => return Err(format!("connect timed out after {timeout:?}")),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    let address = backend.address;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(backend = %address, %error, "upgrade connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+impl HttpProxy {
+    /// Forwards an upgrade request; on `101` relays both connections until either closes.
+    pub(crate) async fn forward_upgrade(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+        idle_timeout: Duration,
+    ) -> Response<ProxyBody> {
+        let client_upgrade = hyper::upgrade::on(&mut request);
+        let upgrade = request.headers().get(header::UPGRADE).cloned();
+        let mut request = match prepare_request(request, client) {
+            Ok(request) => request,
+            Err(message) => return local_response(StatusCode::BAD_REQUEST, message),
+        };
+        // prepare_request removed the hop-by-hop headers; an upgrade needs these two back.
+        if let Some(upgrade) = upgrade {
+            request.headers_mut().insert(header::UPGRADE, upgrade);
+        }
+        request
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let pool = &self.pool;
+        let snapshot_guard = pool.snapshot();
+        let snapshot: &PoolSnapshot = &snapshot_guard;
+        let settings = &*snapshot.settings;
+        let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
+        for attempt in 0..attempts {
+            let ctx = PickContext {
+                key_hash: 0,
+                random: crate::clock::now_ns(),
+                now_ns: 0,
+                excluded: &tried[..attempt],
+            };
+            let Some(index) = snapshot.pick(&ctx) else {
+                break;
+            };
+            tried[attempt] = index;
+            let backend = &snapshot.backends[index];
+            let mut sender = match connect(backend, settings.connect_timeout).await {
+                Ok(sender) => sender,
+                Err(error) => {
+                    self.note_failure(snapshot, backend, true);
+                    tracing::warn!(
+                        listener = %self.listener, pool = %pool.name, backend = %backend.address,
+                        %error, "backend unreachable; trying another backend"
+                    );
+                    continue;
+                }
+            };
+            let guard = backend.start_request();
+            let response = match tokio::time::timeout(
+                settings.request_timeout,
+                sender.send_request(request.map(RequestBody::Client)),
+            )
+            .await
+            {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    self.note_failure(snapshot, backend, false);
+                    tracing::warn!(backend = %backend.address, %error, "backend failed to answer an upgrade request");
+                    return local_response(
+                        StatusCode::BAD_GATEWAY,
+                        "502 bad gateway: the backend failed to answer",
+                    );
+                }
+                Err(_) => {
+                    self.note_failure(snapshot, backend, false);
+                    return local_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 gateway timeout: the backend did not answer in time",
+                    );
+                }
+            };
+            backend.record_status(response.status().as_u16());
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // Refused upgrade: an ordinary response (the connection is then reusable).
+                if response.status().is_server_error() {
+                    self.note_failure(snapshot, backend, false);
+                } else {
+                    backend.record_success();
+                }
+                let mut response = response
+                    .map(|body| ProxyBody::Upstream(UpstreamBody::new(body, sender, guard)));
+                remove_hop_by_hop(response.headers_mut());
+                return response;
+            }
+            backend.record_success();
+            backend
+                .sessions
+                .opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut response = response;
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (mut parts, _) = response.into_parts();
+            parts.extensions = http::Extensions::new();
+            let backend = backend.clone();
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade)
+                {
+                    (Ok(c), Ok(u)) => (c, u),
+                    (Err(error), _) | (_, Err(error)) => {
+                        tracing::debug!(backend = %backend.address, %error, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let (mut client_io, mut upstream_io) =
+                    (TokioIo::new(client_io), TokioIo::new(upstream_io));
+                let (end, sent, received) = relay(
+                    &mut client_io,
+                    &mut upstream_io,
+                    &backend,
+                    &pool,
+                    idle_timeout,
+                )
+                .await;
+                tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "upgraded connection ended");
+            });
+            return Response::from_parts(parts, ProxyBody::Full(None));
+        }
+        tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
+        local_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: no backend available",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_upgrade_requests() {
+        let request = |connection: &str, version| {
+            let mut request = Request::new(());
+            *request.version_mut() = version;
+            request.headers_mut().insert(
+                header::CONNECTION,
+                HeaderValue::from_str(connection).unwrap(),
+            );
+            request
+                .headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            request
+        };
+        assert!(is_upgrade(&request("Upgrade", Version::HTTP_11)));
+        assert!(is_upgrade(&request(
+            "keep-alive, upgrade",
+            Version::HTTP_11
+        )));
+        assert!(!is_upgrade(&request("keep-alive", Version::HTTP_11)));
+        assert!(!is_upgrade(&request("upgrade", Version::HTTP_2)));
+    }
+}
