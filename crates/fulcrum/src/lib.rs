@@ -5,6 +5,7 @@
 //! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
 
 pub mod admin;
+pub mod agent;
 pub mod backend;
 pub mod clock;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The `fulcrum` command line: run, check, demo, backend.
+//! The `fulcrum` command line: run, check, demo, backend, agent.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +66,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
     },
+    /// Run the backend agent: report this host's load in HAProxy's agent-check protocol
+    /// (and as JSON on HTTP `GET /status`).
+    Agent(fulcrum::agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,6 +135,19 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     "listening backend http://{address} name={}",
                     name.unwrap_or_else(|| address.to_string())
                 );
+                wait_for_signal().await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            init_logging(cli_format.unwrap_or_default());
+            runtime(1)?.block_on(async move {
+                let addresses = fulcrum::agent::start(&args).await?;
+                println!("listening agent tcp://{}", addresses.agent);
+                if let Some(http) = addresses.http {
+                    println!("listening agent-http http://{http}");
+                }
                 wait_for_signal().await;
                 anyhow::Ok(())
             })?;
