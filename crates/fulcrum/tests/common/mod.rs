@@ -24,7 +24,7 @@ pub struct Proc {
     child: Option<Child>,
     /// Address from the readiness line.
     pub addr: SocketAddr,
-    /// Every `listening NAME http://ADDR` line: NAME → ADDR.
+    /// Every `listening NAME http://ADDR` (or `tcp://ADDR`) line: NAME → ADDR.
     pub listeners: HashMap<String, SocketAddr>,
     /// Where the process's stderr (its logs) goes.
     pub log_path: PathBuf,
@@ -145,7 +145,10 @@ fn spawn(
             let name = words.next().unwrap_or_default().to_string();
             let addr: SocketAddr = words
                 .next()
-                .and_then(|u| u.strip_prefix("http://"))
+                .and_then(|u| {
+                    u.strip_prefix("http://")
+                        .or_else(|| u.strip_prefix("tcp://"))
+                })
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("bad readiness line {line:?}"));
             first.get_or_insert(addr);
@@ -198,6 +201,15 @@ pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
         None,
         &std::env::temp_dir(),
     )
+}
+
+/// Starts `fulcrum agent ARGS` (the caller gives `--listen` and the rest) and waits for its
+/// readiness lines: `agent` (the agent-check port) and, with `--http-listen`, `agent-http`.
+pub fn agent(args: &[&str]) -> Proc {
+    let ready = 1 + usize::from(args.contains(&"--http-listen"));
+    let mut all = vec!["agent"];
+    all.extend_from_slice(args);
+    spawn(&all, ready, None, &std::env::temp_dir())
 }
 
 /// A "backend" that accepts connections, reads a little and closes without answering.
