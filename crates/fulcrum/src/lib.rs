@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod autoscale;
+pub mod agent;
 pub mod backend;
 pub mod clock;
 pub mod config;

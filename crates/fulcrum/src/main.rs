@@ -1,4 +1,4 @@
-//! The `fulcrum` command line: run, check, demo, backend.
+//! The `fulcrum` command line: run, check, demo, backend, agent.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,6 +79,9 @@ enum Command {
     },
     /// Control a running balancer through its admin API (pools, backends, reload, events).
     Ctl(fulcrum::ctl::CtlArgs),
+    /// Run the backend agent: report this host's load in HAProxy's agent-check protocol
+    /// (and as JSON on HTTP `GET /status`).
+    Agent(fulcrum::agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -166,6 +169,19 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     "listening backend http://{address} name={}",
                     name.unwrap_or_else(|| address.to_string())
                 );
+                wait_for_signal().await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            init_logging(cli_format.unwrap_or_default());
+            runtime(1)?.block_on(async move {
+                let addresses = fulcrum::agent::start(&args).await?;
+                println!("listening agent tcp://{}", addresses.agent);
+                if let Some(http) = addresses.http {
+                    println!("listening agent-http http://{http}");
+                }
                 wait_for_signal().await;
                 anyhow::Ok(())
             })?;

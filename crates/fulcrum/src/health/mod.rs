@@ -1,9 +1,10 @@
 //! Health: active checks (TCP, HTTP) run on the control plane, one task per backend, and flip
 //! lock-free state on the backend that the balancer reads. Passive ejection lives with the
 //! backend's state (`pool::backend`) because it is fed by the data path; agent polling is in
-//! [`agent_poll`].
+//! [`agent`].
 
 pub mod active;
+pub mod agent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::events::EventLog;
 use crate::pool::Backend;
 
 pub use active::{ActiveCheck, CheckError};
+pub use agent::run_agent;
 
 /// A check that answers whether one backend is fit to serve.
 pub trait HealthCheck {

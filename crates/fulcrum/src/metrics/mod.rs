@@ -63,6 +63,7 @@ impl Collector for ServerCollector {
         let mut in_flight = Vec::new();
         let mut up = Vec::new();
         let mut weight = Vec::new();
+        let mut agent_percent = Vec::new();
         let mut ejections = Vec::new();
         let mut failures = Vec::new();
         let mut upstream_open = Vec::new();
@@ -85,6 +86,7 @@ impl Collector for ServerCollector {
                 in_flight.push((labels(), i64::from(backend.in_flight_count())));
                 up.push((labels(), i64::from(backend.is_available())));
                 weight.push((labels(), i64::from(backend.effective_weight())));
+                agent_percent.push((labels(), i64::from(backend.agent_percent())));
                 ejections.push((labels(), backend.ejection_count()));
                 failures.push((labels(), backend.failure_count()));
                 let stats = backend.connections.stats();
@@ -139,6 +141,12 @@ impl Collector for ServerCollector {
             "fulcrum_backend_effective_weight",
             "Weight the balancer uses now.",
             &weight,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_backend_agent_percent",
+            "Weight percent the backend's agent last reported (100 without an agent).",
+            &agent_percent,
         )?;
         counter(
             &mut encoder,

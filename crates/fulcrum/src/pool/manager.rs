@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use super::{AdminState, Backend, Pool, PoolSettings, PoolSnapshot};
-use crate::config::{BackendAddress, HealthConfig, PoolConfig};
+use super::{AdminState, AgentVerdict, Backend, Pool, PoolSettings, PoolSnapshot};
+use crate::config::{AgentCheckConfig, BackendAddress, HealthConfig, PoolConfig};
 use crate::discovery::dns::{self, DnsTarget};
 use crate::events::EventLog;
-use crate::health::{run_checks, ActiveCheck};
+use crate::health::{run_agent, run_checks, ActiveCheck};
 
 /// How often the manager looks at draining backends and changed effective weights, and
 /// refills the retry budget.
@@ -177,6 +177,10 @@ pub struct PoolManager {
     health: Option<HealthConfig>,
     /// The running check task of each member.
     checks: HashMap<SocketAddr, AbortHandle>,
+    /// Agent polling settings, if any.
+    agent: Option<AgentCheckConfig>,
+    /// The running agent polling task of each member.
+    agents: HashMap<SocketAddr, AbortHandle>,
     /// Addresses each discovery source currently provides.
     discovered: HashMap<String, Vec<SocketAddr>>,
     /// The DNS discovery task and what it was started with.
@@ -236,6 +240,8 @@ impl PoolManager {
             retry_window: std::collections::VecDeque::with_capacity(RETRY_WINDOW_TICKS + 1),
             health: config.health.clone(),
             checks: HashMap::new(),
+            agent: config.agent.clone(),
+            agents: HashMap::new(),
             discovered: HashMap::new(),
             dns: None,
             commands: None,
@@ -272,6 +278,9 @@ impl PoolManager {
         }
         for (_, check) in self.checks.drain() {
             check.abort();
+        }
+        for (_, agent) in self.agents.drain() {
+            agent.abort();
         }
         if let Some((_, task)) = self.dns.take() {
             task.abort();
@@ -347,8 +356,12 @@ impl PoolManager {
         }
     }
 
-    /// Starts the active checks of `backend`, when the pool has checks.
+    /// Starts the active checks of `backend`, when the pool has checks, and its agent
+    /// polling when the pool has an agent and it is not polled yet.
     fn start_checks(&mut self, backend: &Backend) {
+        if !self.agents.contains_key(&backend.address) {
+            self.start_agent(backend);
+        }
         let Some(health) = &self.health else {
             return;
         };
@@ -370,6 +383,27 @@ impl PoolManager {
     fn stop_checks(&mut self, address: SocketAddr) {
         if let Some(check) = self.checks.remove(&address) {
             check.abort();
+        }
+        if let Some(agent) = self.agents.remove(&address) {
+            agent.abort();
+        }
+    }
+
+    /// Starts polling the agent of `backend`, when the pool has an agent configured.
+    fn start_agent(&mut self, backend: &Backend) {
+        let Some(agent) = &self.agent else {
+            return;
+        };
+        let task = tokio::spawn(run_agent(
+            backend.clone(),
+            self.pool.name.clone(),
+            self.events.clone(),
+            agent.port,
+            agent.interval.0,
+            agent.timeout.0,
+        ));
+        if let Some(old) = self.agents.insert(backend.address, task.abort_handle()) {
+            old.abort();
         }
     }
 
@@ -531,6 +565,24 @@ impl PoolManager {
                     backend.set_healthy(true);
                 }
                 self.start_checks(&backend);
+            }
+        }
+        if config.agent != self.agent {
+            self.agent = config.agent.clone();
+            self.events.record(
+                "agent_config",
+                Some(&self.pool.name),
+                None,
+                "agent polling settings changed by reload",
+            );
+            for backend in self.members.clone() {
+                if let Some(agent) = self.agents.remove(&backend.address) {
+                    agent.abort();
+                }
+                if self.agent.is_none() {
+                    backend.set_agent(Some(100), Some(AgentVerdict::Up));
+                }
+                self.start_agent(&backend);
             }
         }
         self.restart_dns(DnsSettings::of(config));

@@ -208,6 +208,15 @@ pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
     )
 }
 
+/// Starts `fulcrum agent ARGS` (the caller gives `--listen` and the rest) and waits for its
+/// readiness lines: `agent` (the agent-check port) and, with `--http-listen`, `agent-http`.
+pub fn agent(args: &[&str]) -> Proc {
+    let ready = 1 + usize::from(args.contains(&"--http-listen"));
+    let mut all = vec!["agent"];
+    all.extend_from_slice(args);
+    spawn(&all, ready, None, &std::env::temp_dir())
+}
+
 /// A "backend" that accepts connections, reads a little and closes without answering.
 /// Returns its address and a counter of accepted connections.
 pub fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
