@@ -385,8 +385,12 @@ def run_wrk(ctx, address, connections, seconds, path="/"):
     argv = ["taskset", "-c", ctx.client_cpus, "wrk", f"-t{ctx.client_threads}",
             f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
             f"http://{address}{path}"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out = done.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise RuntimeError(f"wrk against {address} failed: {out}{done.stderr}")
+    result = {"rps": float(rps.group(1))}
     for pct in ("50", "75", "90", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(m.group(1)) if m else None
