@@ -621,6 +621,10 @@ def main():
     if args.quick:
         args.duration, args.rounds = 3, 1
     scenarios = set(args.scenarios.split(","))
+    known = {"healthy", "slow", "idle", "scaling", "openloop"}
+    if not scenarios <= known:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(scenarios - known))}; "
+                     f"known: {', '.join(sorted(known))}")
 
     missing = check_tools()
     if "wrk" in missing or "taskset" in missing:
@@ -761,6 +765,9 @@ def openloop(ctx, healthy, missing):
 
 def report(ctx, args, results, started_at):
     print(f"\n## Fulcrum vs HAProxy vs nginx — {started_at}\n")
+    rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    print(f"- fulcrum: {rev or 'unknown revision'} (release build)")
     print(f"- machine: {machine_line()}")
     print(f"- pinning: balancer on CPU {ctx.balancer_cpu} (one worker), wrk -t{ctx.client_threads} "
           f"on CPUs {ctx.client_cpus}, 3 `fulcrum backend` on CPUs {ctx.backend_cpus}")
