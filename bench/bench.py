@@ -385,8 +385,12 @@ def run_wrk(ctx, address, connections, seconds, path="/"):
     argv = ["taskset", "-c", ctx.client_cpus, "wrk", f"-t{ctx.client_threads}",
             f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
             f"http://{address}{path}"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    out = done.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise RuntimeError(f"wrk against {address} failed: {out}{done.stderr}")
+    result = {"rps": float(rps.group(1))}
     for pct in ("50", "75", "90", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
         result[f"p{pct}"] = parse_ms(m.group(1)) if m else None
@@ -617,6 +621,10 @@ def main():
     if args.quick:
         args.duration, args.rounds = 3, 1
     scenarios = set(args.scenarios.split(","))
+    known = {"healthy", "slow", "idle", "scaling", "openloop"}
+    if not scenarios <= known:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(scenarios - known))}; "
+                     f"known: {', '.join(sorted(known))}")
 
     missing = check_tools()
     if "wrk" in missing or "taskset" in missing:
@@ -757,6 +765,9 @@ def openloop(ctx, healthy, missing):
 
 def report(ctx, args, results, started_at):
     print(f"\n## Fulcrum vs HAProxy vs nginx — {started_at}\n")
+    rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    print(f"- fulcrum: {rev or 'unknown revision'} (release build)")
     print(f"- machine: {machine_line()}")
     print(f"- pinning: balancer on CPU {ctx.balancer_cpu} (one worker), wrk -t{ctx.client_threads} "
           f"on CPUs {ctx.client_cpus}, 3 `fulcrum backend` on CPUs {ctx.backend_cpus}")
