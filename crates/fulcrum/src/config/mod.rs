@@ -174,6 +174,10 @@ pub struct PoolConfig {
     /// traffic over all backends anyway, as the least bad option.
     #[serde(default)]
     pub panic_mode: bool,
+    /// Slow start: a backend that joins or recovers ramps from 10% to 100% of its weight over
+    /// this long ("10s"). Off when absent or zero.
+    #[serde(default)]
+    pub slow_start: Option<ConfigDuration>,
     /// How often backends written as HOST:PORT are re-resolved.
     #[serde(default = "default_resolve_every")]
     pub resolve_every: ConfigDuration,

@@ -47,6 +47,8 @@ pub struct PoolSettings {
     pub retry_percent: u32,
     /// Retries always allowed per second.
     pub retry_min_per_second: u32,
+    /// Slow-start ramp length; zero = off.
+    pub slow_start: Duration,
 }
 
 impl PoolSettings {
@@ -69,6 +71,7 @@ impl PoolSettings {
             panic_mode: config.panic_mode,
             retry_percent: config.retry_budget.percent,
             retry_min_per_second: config.retry_budget.min_per_second,
+            slow_start: config.slow_start.map_or(Duration::ZERO, |d| d.0),
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct PoolSnapshot {
     pub settings: Arc<PoolSettings>,
     /// Removed backends still finishing in-flight requests (never picked; shown in status).
     pub retiring: Vec<Backend>,
-    /// The effective weights the selector was built with (to know when to rebuild).
+    /// The balancing weights the selector was built with (to know when to rebuild).
     pub built_weights: Vec<u32>,
 }
 
@@ -96,7 +99,7 @@ impl PoolSnapshot {
         backends: Vec<Backend>,
         retiring: Vec<Backend>,
     ) -> Self {
-        let built_weights: Vec<u32> = backends.iter().map(|b| b.effective_weight()).collect();
+        let built_weights: Vec<u32> = backends.iter().map(|b| b.balancing_weight()).collect();
         let members: Vec<Member<'_>> = backends
             .iter()
             .zip(&built_weights)
@@ -146,9 +149,12 @@ impl Pool {
             .iter()
             .filter_map(|spec| {
                 let spec = spec.get_ref();
-                spec.address
-                    .ip()
-                    .map(|address| Backend::new(address, spec.weight))
+                spec.address.ip().map(|address| {
+                    let backend = Backend::new(address, spec.weight);
+                    // Starting backends take full weight at once; only later joins ramp.
+                    backend.set_slow_start(settings.slow_start);
+                    backend
+                })
             })
             .collect();
         let initial_allowance = i64::from(settings.retry_min_per_second);
@@ -250,8 +256,10 @@ pub struct BackendStatus {
     pub address: String,
     /// Weight from config or API.
     pub weight: u32,
-    /// Weight balancers use now.
+    /// Weight balancers use now (configured × agent × slow start).
     pub effective_weight: u32,
+    /// Slow-start factor in percent (100 when not ramping).
+    pub slow_start_percent: u8,
     /// active / draining / maint (a removed backend finishing its requests shows draining).
     pub state: &'static str,
     /// up / down per health checks.
@@ -282,6 +290,7 @@ impl BackendStatus {
             address: backend.id.clone(),
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
+            slow_start_percent: backend.ramp_percent(),
             state: if removing {
                 "draining"
             } else {
