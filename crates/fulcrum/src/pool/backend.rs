@@ -478,6 +478,10 @@ impl Candidate for Backend {
     fn is_eligible(&self) -> bool {
         self.is_available()
     }
+    #[inline]
+    fn latency_ns(&self, now_ns: u64) -> u64 {
+        self.latency.estimate(now_ns)
+    }
 }
 
 /// Holds one in-flight slot on a backend; releases it on drop, whatever path the request took.

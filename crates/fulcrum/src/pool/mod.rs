@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
 pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
-use crate::config::PoolConfig;
+use crate::config::{HashKey, PoolConfig};
 use crate::metrics::histogram::LatencyHistogram;
 
 /// The statuses Fulcrum answers with itself when a backend cannot.
@@ -49,6 +49,10 @@ pub struct PoolSettings {
     pub retry_min_per_second: u32,
     /// Slow-start ramp length; zero = off.
     pub slow_start: Duration,
+    /// What consistent hashing hashes (`maglev` only).
+    pub hash_key: HashKey,
+    /// Consistent hashing with bounded loads: the factor (`maglev` only).
+    pub bounded_load: Option<f64>,
 }
 
 impl PoolSettings {
@@ -72,6 +76,12 @@ impl PoolSettings {
             retry_percent: config.retry_budget.percent,
             retry_min_per_second: config.retry_budget.min_per_second,
             slow_start: config.slow_start.map_or(Duration::ZERO, |d| d.0),
+            hash_key: config
+                .hash_key
+                .as_ref()
+                .map(|k| k.get_ref().clone())
+                .unwrap_or_default(),
+            bounded_load: config.bounded_load.as_ref().map(|b| *b.get_ref()),
         }
     }
 }
@@ -105,7 +115,11 @@ impl PoolSnapshot {
             .zip(&built_weights)
             .map(|(b, &weight)| Member { id: &b.id, weight })
             .collect();
-        let selector = Selector::build(settings.algorithm, &members, &BuildOptions::default());
+        let options = BuildOptions {
+            bounded_load: settings.bounded_load,
+            ..BuildOptions::default()
+        };
+        let selector = Selector::build(settings.algorithm, &members, &options);
         PoolSnapshot {
             backends,
             selector,
@@ -260,6 +274,8 @@ pub struct BackendStatus {
     pub effective_weight: u32,
     /// Slow-start factor in percent (100 when not ramping).
     pub slow_start_percent: u8,
+    /// Peak-EWMA of the time to response headers, in milliseconds; null until measured.
+    pub latency_ewma_ms: Option<f64>,
     /// active / draining / maint (a removed backend finishing its requests shows draining).
     pub state: &'static str,
     /// up / down per health checks.
@@ -291,6 +307,10 @@ impl BackendStatus {
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
             slow_start_percent: backend.ramp_percent(),
+            latency_ewma_ms: match backend.latency.estimate(crate::clock::now_ns()) {
+                0 => None,
+                ns => Some(ns as f64 / 1e6),
+            },
             state: if removing {
                 "draining"
             } else {
