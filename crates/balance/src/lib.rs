@@ -11,13 +11,23 @@
 
 #![deny(missing_docs)]
 
+pub mod ewma;
 pub mod least_conn;
+pub mod maglev;
 pub mod p2c;
+pub mod peak_ewma;
+pub mod random;
 pub mod round_robin;
+pub mod slow_start;
 
+pub use ewma::PeakEwma;
 pub use least_conn::LeastConn;
+pub use maglev::Maglev;
 pub use p2c::PowerOfTwoChoices;
+pub use peak_ewma::PeakEwmaP2c;
+pub use random::WeightedRandom;
 pub use round_robin::RoundRobin;
+pub use slow_start::slow_start_percent;
 
 /// What a balancer sees of one backend when it picks.
 pub trait Candidate {
@@ -111,6 +121,12 @@ pub enum Algorithm {
     LeastConn,
     /// Power of two random choices on weighted in-flight requests.
     P2c,
+    /// Power of two random choices on peak-EWMA latency × (in-flight + 1) / weight.
+    PeakEwma,
+    /// Weighted random.
+    Random,
+    /// Maglev consistent hashing on the request's key, optionally with bounded loads.
+    Maglev,
 }
 
 impl Algorithm {
@@ -119,6 +135,9 @@ impl Algorithm {
         ("round_robin", Algorithm::RoundRobin),
         ("least_conn", Algorithm::LeastConn),
         ("p2c", Algorithm::P2c),
+        ("peak_ewma", Algorithm::PeakEwma),
+        ("random", Algorithm::Random),
+        ("maglev", Algorithm::Maglev),
     ];
 
     /// Looks an algorithm up by its configuration name.
@@ -148,13 +167,19 @@ pub enum Selector {
     LeastConn(LeastConn),
     /// See [`PowerOfTwoChoices`].
     P2c(PowerOfTwoChoices),
+    /// See [`PeakEwmaP2c`].
+    PeakEwma(PeakEwmaP2c),
+    /// See [`WeightedRandom`].
+    Random(WeightedRandom),
+    /// See [`Maglev`].
+    Maglev(Maglev),
 }
 
 impl Selector {
     /// Builds the selector for `algorithm` over these members (in snapshot order).
-    /// Rebuild it whenever membership or weights change.
+    /// Rebuild it whenever membership or weights change: round robin, random and Maglev use
+    /// the weights given here; the others read live weights at pick time.
     pub fn build(algorithm: Algorithm, members: &[Member<'_>], options: &BuildOptions) -> Selector {
-        let _ = options;
         match algorithm {
             Algorithm::RoundRobin => {
                 let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
@@ -162,6 +187,16 @@ impl Selector {
             }
             Algorithm::LeastConn => Selector::LeastConn(LeastConn),
             Algorithm::P2c => Selector::P2c(PowerOfTwoChoices),
+            Algorithm::PeakEwma => Selector::PeakEwma(PeakEwmaP2c),
+            Algorithm::Random => {
+                let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+                Selector::Random(WeightedRandom::new(&weights))
+            }
+            Algorithm::Maglev => Selector::Maglev(Maglev::new(
+                members.iter().map(|m| (m.id, m.weight)),
+                options.table_size,
+                options.bounded_load,
+            )),
         }
     }
 }
@@ -173,6 +208,9 @@ impl Balancer for Selector {
             Selector::RoundRobin(b) => b.pick(backends, ctx),
             Selector::LeastConn(b) => b.pick(backends, ctx),
             Selector::P2c(b) => b.pick(backends, ctx),
+            Selector::PeakEwma(b) => b.pick(backends, ctx),
+            Selector::Random(b) => b.pick(backends, ctx),
+            Selector::Maglev(b) => b.pick(backends, ctx),
         }
     }
 }
@@ -185,6 +223,34 @@ pub fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A seeded 64-bit hash of `bytes`, stable across processes, machines and versions (no
+/// per-process randomness), so every balancer node maps the same key the same way. Not
+/// DoS-resistant; keys only choose among backends.
+#[inline]
+pub fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = splitmix64(seed ^ (bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        h = splitmix64(h ^ u64::from_le_bytes(word));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        h = splitmix64(h ^ u64::from_le_bytes(word));
+    }
+    h
+}
+
+/// The hash of a request's affinity key (client IP bytes, header or cookie value, path), for
+/// [`PickContext::key_hash`].
+#[inline]
+pub fn key_hash(bytes: &[u8]) -> u64 {
+    hash_bytes(0x6b65_795f_6861_7368, bytes)
 }
 
 /// Maps a random `u64` uniformly onto `0..n` (Lemire's multiply-shift; `n` > 0).
@@ -238,6 +304,27 @@ mod tests {
             assert_eq!(algorithm.name(), *name);
         }
         assert_eq!(Algorithm::from_name("nope"), None);
+    }
+
+    #[test]
+    fn hashes_are_stable_and_seeded() {
+        assert_eq!(key_hash(b"alice"), key_hash(b"alice"));
+        assert_ne!(key_hash(b"alice"), key_hash(b"alicf"));
+        assert_ne!(key_hash(b"abcdefgh"), key_hash(b"abcdefgh\0"));
+        assert_ne!(hash_bytes(1, b"x"), hash_bytes(2, b"x"));
+        assert_ne!(key_hash(b""), 0);
+    }
+
+    #[test]
+    fn selector_builds_every_algorithm() {
+        let members = [Member { id: "a", weight: 1 }, Member { id: "b", weight: 2 }];
+        let backends = [StaticCandidate::new(1), StaticCandidate::new(2)];
+        for (_, algorithm) in Algorithm::ALL {
+            let selector = Selector::build(*algorithm, &members, &BuildOptions::default());
+            assert!(selector
+                .pick(&backends, &PickContext::with_random(3))
+                .is_some());
+        }
     }
 
     #[test]

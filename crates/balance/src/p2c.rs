@@ -15,42 +15,52 @@ pub struct PowerOfTwoChoices;
 
 impl Balancer for PowerOfTwoChoices {
     fn pick<C: Candidate>(&self, backends: &[C], ctx: &PickContext<'_>) -> Option<usize> {
-        let n = backends.len();
-        if n <= 2 {
+        if backends.len() <= 2 {
             return LeastConn.pick(backends, ctx);
         }
-        let mut random = ctx.random;
-        let mut draw = || {
-            random = splitmix64(random);
-            bounded(random, n)
-        };
-        let mut first = None;
-        for _ in 0..DRAWS {
-            let index = draw();
-            if ctx.usable(index, &backends[index]) {
-                first = Some(index);
-                break;
-            }
-        }
-        let Some(first) = first else {
-            // Most backends are unusable: a scan finds whatever is left.
-            return LeastConn.pick(backends, ctx);
-        };
-        for _ in 0..DRAWS {
-            let index = draw();
-            if index != first && ctx.usable(index, &backends[index]) {
-                let (a, b) = (&backends[first], &backends[index]);
-                return Some(
-                    if less_loaded(b.in_flight(), b.weight(), a.in_flight(), a.weight()) {
-                        index
-                    } else {
-                        first
-                    },
-                );
-            }
-        }
-        Some(first)
+        pick_two(backends, ctx, |a, b| {
+            less_loaded(b.in_flight(), b.weight(), a.in_flight(), a.weight())
+        })
+        .or_else(|| LeastConn.pick(backends, ctx))
     }
+}
+
+/// Draws two distinct usable backends at random and returns the second when
+/// `second_is_better(first, second)`, else the first. `None` when no usable backend turned
+/// up in a few draws (most are unusable: the caller scans instead). With one usable backend
+/// found and no second, that one.
+#[inline]
+pub(crate) fn pick_two<C: Candidate>(
+    backends: &[C],
+    ctx: &PickContext<'_>,
+    second_is_better: impl Fn(&C, &C) -> bool,
+) -> Option<usize> {
+    let n = backends.len();
+    let mut random = ctx.random;
+    let mut draw = || {
+        random = splitmix64(random);
+        bounded(random, n)
+    };
+    let mut first = None;
+    for _ in 0..DRAWS {
+        let index = draw();
+        if ctx.usable(index, &backends[index]) {
+            first = Some(index);
+            break;
+        }
+    }
+    let first = first?;
+    for _ in 0..DRAWS {
+        let index = draw();
+        if index != first && ctx.usable(index, &backends[index]) {
+            return Some(if second_is_better(&backends[first], &backends[index]) {
+                index
+            } else {
+                first
+            });
+        }
+    }
+    Some(first)
 }
 
 #[cfg(test)]

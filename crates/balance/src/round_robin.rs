@@ -37,7 +37,12 @@ impl RoundRobin {
 }
 
 /// Runs nginx's smooth weighted round robin for one full cycle and returns the picks.
+/// Weights are divided by their greatest common divisor first (100, 100, 200 → 1, 1, 2): the
+/// sequence is the same, one cycle is shorter and the build is cheaper.
 fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().fold(0u32, |g, &w| gcd(g, w)).max(1);
+    let weights: Vec<u32> = weights.iter().map(|&w| w / divisor).collect();
+    let weights = &weights[..];
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     if total == 0 {
         return Vec::new();
@@ -74,6 +79,13 @@ fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
         schedule.push(best as u32);
     }
     schedule
+}
+
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 impl Balancer for RoundRobin {
@@ -147,6 +159,15 @@ mod tests {
         }
         backends[2].eligible = false;
         assert_eq!(rr.pick(&backends, &ctx), None);
+    }
+
+    #[test]
+    fn common_factors_do_not_lengthen_the_cycle() {
+        assert_eq!(
+            RoundRobin::new(&[500, 100, 100]).schedule(),
+            &[0, 0, 1, 0, 2, 0, 0]
+        );
+        assert_eq!(RoundRobin::new(&[0, 300]).schedule(), &[1]);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use autoscale::{AutoscaleConfig, AutoscaleMetric, AutoscaleProvider};
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
-pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, ListenAddr};
+pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, HashKey, ListenAddr};
 
 /// A whole Fulcrum configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -158,9 +158,16 @@ fn default_max_header_bytes() -> usize {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Selection algorithm.
+    /// Selection algorithm; `peak_ewma` by default.
     #[serde(default)]
     pub algorithm: AlgorithmName,
+    /// What `maglev` hashes: "client_ip" (default), "header:NAME", "cookie:NAME" or "path".
+    #[serde(default)]
+    pub hash_key: Option<Spanned<HashKey>>,
+    /// `maglev` with bounded loads: no backend takes more than this multiple of the average
+    /// in-flight requests (e.g. 1.25); the overflow walks on to the next backends.
+    #[serde(default)]
+    pub bounded_load: Option<Spanned<f64>>,
     /// The backends, as "IP:PORT" strings or `{ address = "...", weight = N }` tables.
     pub backends: Spanned<Vec<Spanned<BackendSpec>>>,
     /// Timeouts towards the backends.
@@ -191,6 +198,10 @@ pub struct PoolConfig {
     /// traffic over all backends anyway, as the least bad option.
     #[serde(default)]
     pub panic_mode: bool,
+    /// Slow start: a backend that joins or recovers ramps from 10% to 100% of its weight over
+    /// this long ("10s"). Off when absent or zero.
+    #[serde(default)]
+    pub slow_start: Option<ConfigDuration>,
     /// How often backends written as HOST:PORT are re-resolved.
     #[serde(default = "default_resolve_every")]
     pub resolve_every: ConfigDuration,
@@ -376,6 +387,32 @@ impl Config {
                     return Err((autoscale.span(), format!("pool `{name}`: {problem}")));
                 }
             }
+            let maglev = pool.algorithm.0 == fulcrum_balance::Algorithm::Maglev;
+            if let Some(key) = &pool.hash_key {
+                if !maglev {
+                    return Err((
+                        key.span(),
+                        format!("pool `{name}`: hash_key only applies to algorithm = \"maglev\""),
+                    ));
+                }
+            }
+            if let Some(bound) = &pool.bounded_load {
+                if !maglev {
+                    return Err((
+                        bound.span(),
+                        format!(
+                            "pool `{name}`: bounded_load only applies to algorithm = \"maglev\""
+                        ),
+                    ));
+                }
+                let c = *bound.get_ref();
+                if !c.is_finite() || c < 1.0 {
+                    return Err((
+                        bound.span(),
+                        format!("pool `{name}`: bounded_load must be a number of at least 1.0 (like 1.25), not {c}"),
+                    ));
+                }
+            }
             if pool.max_attempts == 0 {
                 return Err((
                     pool.backends.span(),
@@ -536,6 +573,39 @@ request = "30s"
         assert!(message.contains("token"), "{message}");
         let text = text.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
         parse(&text).unwrap();
+    }
+
+    #[test]
+    fn balancing_keys_parse_and_point_at_errors() {
+        let maglev = ISSUE_EXAMPLE.replace(
+            "algorithm = \"round_robin\"",
+            "algorithm = \"maglev\"\nhash_key = \"header:X-User\"\nbounded_load = 1.25\nslow_start = \"10s\"",
+        );
+        let config = parse(&maglev).unwrap();
+        let pool = &config.pools["app"];
+        assert_eq!(
+            pool.hash_key.as_ref().unwrap().get_ref().to_string(),
+            "header:x-user"
+        );
+        assert_eq!(*pool.bounded_load.as_ref().unwrap().get_ref(), 1.25);
+        assert_eq!(pool.slow_start.unwrap().0, Duration::from_secs(10));
+        let (line, column, message) = error_at(&maglev.replace("header:X-User", "header:X User"));
+        assert_eq!((line, column), (12, 12), "{message}");
+        assert!(message.contains("X User"), "{message}");
+        let (line, column, message) = error_at(&maglev.replace("1.25", "0.5"));
+        assert_eq!((line, column), (13, 16), "{message}");
+        assert!(message.contains("at least 1.0"), "{message}");
+        let (line, _, message) = error_at(&maglev.replace("\"maglev\"", "\"p2c\""));
+        assert_eq!(line, 12, "{message}");
+        assert!(message.contains("maglev"), "{message}");
+        let (line, _, message) = error_at(&maglev.replace("\"10s\"", "\"10\""));
+        assert_eq!(line, 14, "{message}");
+        // Default: peak_ewma.
+        let plain = ISSUE_EXAMPLE.replace("algorithm = \"round_robin\"", "");
+        assert_eq!(
+            parse(&plain).unwrap().pools["app"].algorithm.0,
+            fulcrum_balance::Algorithm::PeakEwma
+        );
     }
 
     #[test]

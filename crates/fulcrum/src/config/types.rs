@@ -46,8 +46,69 @@ impl<'de> Deserialize<'de> for ConfigDuration {
 pub struct AlgorithmName(pub Algorithm);
 
 impl Default for AlgorithmName {
+    /// Peak-EWMA P2C: load- and latency-aware, the best default for HTTP pools.
     fn default() -> Self {
-        AlgorithmName(Algorithm::RoundRobin)
+        AlgorithmName(Algorithm::PeakEwma)
+    }
+}
+
+/// What a consistent-hashing pool (`algorithm = "maglev"`) hashes to pick a backend:
+/// `"client_ip"`, `"header:NAME"`, `"cookie:NAME"` or `"path"`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// The client's IP address (the default).
+    #[default]
+    ClientIp,
+    /// The value of a request header (lower-cased name).
+    Header(http::HeaderName),
+    /// The value of a cookie.
+    Cookie(String),
+    /// The request path (without the query).
+    Path,
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::ClientIp => f.write_str("client_ip"),
+            HashKey::Header(name) => write!(f, "header:{name}"),
+            HashKey::Cookie(name) => write!(f, "cookie:{name}"),
+            HashKey::Path => f.write_str("path"),
+        }
+    }
+}
+
+/// Parses a `hash_key` value.
+pub fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    let expected = "expected \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"path\"";
+    match text {
+        "client_ip" => return Ok(HashKey::ClientIp),
+        "path" => return Ok(HashKey::Path),
+        _ => {}
+    }
+    if let Some(name) = text.strip_prefix("header:") {
+        return http::HeaderName::from_bytes(name.as_bytes())
+            .map(HashKey::Header)
+            .map_err(|_| {
+                format!("invalid header name \"{name}\" in hash_key \"{text}\": {expected}")
+            });
+    }
+    if let Some(name) = text.strip_prefix("cookie:") {
+        let token = |c: char| c.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(c);
+        if name.is_empty() || !name.chars().all(token) {
+            return Err(format!(
+                "invalid cookie name \"{name}\" in hash_key \"{text}\": {expected}"
+            ));
+        }
+        return Ok(HashKey::Cookie(name.to_string()));
+    }
+    Err(format!("unknown hash_key \"{text}\": {expected}"))
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_hash_key(&text).map_err(de::Error::custom)
     }
 }
 
@@ -208,5 +269,35 @@ mod tests {
         assert!(parse_backend_address("1.2.3:80").is_err());
         assert!(parse_backend_address("bad_host:80").is_err());
         assert!(parse_backend_address("127.0.0.1:99999").is_err());
+    }
+
+    #[test]
+    fn hash_keys_parse() {
+        assert_eq!(parse_hash_key("client_ip").unwrap(), HashKey::ClientIp);
+        assert_eq!(parse_hash_key("path").unwrap(), HashKey::Path);
+        assert_eq!(
+            parse_hash_key("header:X-User").unwrap(),
+            HashKey::Header(http::HeaderName::from_static("x-user"))
+        );
+        assert_eq!(
+            parse_hash_key("cookie:session").unwrap(),
+            HashKey::Cookie("session".into())
+        );
+        assert_eq!(
+            parse_hash_key("header:X-User").unwrap().to_string(),
+            "header:x-user"
+        );
+        for bad in [
+            "",
+            "ip",
+            "header:",
+            "header:a b",
+            "cookie:",
+            "cookie:a;b",
+            "Path",
+        ] {
+            let message = parse_hash_key(bad).unwrap_err();
+            assert!(message.contains("expected"), "{bad}: {message}");
+        }
     }
 }

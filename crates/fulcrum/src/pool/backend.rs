@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_balance::Candidate;
+use fulcrum_balance::{slow_start_percent, Candidate, PeakEwma};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ns;
@@ -38,6 +38,14 @@ pub struct BackendState {
     /// The agent's say: weight percent (0..=100) and [`AgentVerdict`] as a number.
     agent_percent: AtomicU8,
     agent_verdict: AtomicU8,
+    /// The pool's slow-start ramp length in ns; 0 = slow start off.
+    slow_start_ns: AtomicU64,
+    /// Clock reading (ns) at which the current ramp began (may lie ahead: an ejection's end).
+    ramp_start_ns: AtomicU64,
+    /// Slow-start factor in percent (10..=100), advanced by the pool manager's housekeeping.
+    ramp_percent: AtomicU8,
+    /// Peak-EWMA of the time from sending a request to receiving the response head.
+    pub latency: PeakEwma,
     /// Idle keep-alive connections to this backend.
     pub connections: ConnectionPool,
     /// TCP-mode sessions and upgraded (WebSocket) connections: counts and bytes.
@@ -72,6 +80,10 @@ impl Backend {
             passive: PassiveState::default(),
             agent_percent: AtomicU8::new(100),
             agent_verdict: AtomicU8::new(AgentVerdict::Up as u8),
+            slow_start_ns: AtomicU64::new(0),
+            ramp_start_ns: AtomicU64::new(0),
+            ramp_percent: AtomicU8::new(100),
+            latency: PeakEwma::default(),
             connections: ConnectionPool::new(address),
             sessions: SessionStats::default(),
         }))
@@ -165,23 +177,81 @@ impl BackendState {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Records the health checks' verdict; returns the previous one.
+    /// Records the health checks' verdict; returns the previous one. Coming back up starts a
+    /// slow-start ramp and forgets the latency estimate (the backend is tried afresh).
     pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed)
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if healthy && !was {
+            self.recovered(now_ns());
+        }
+        was
     }
 
-    /// Effective weight: configured weight × the agent's percentage. A nonzero product never
-    /// rounds down to zero.
+    /// The backend became available again at `at_ns`: ramp up from there, latency unknown.
+    fn recovered(&self, at_ns: u64) {
+        self.begin_ramp(at_ns);
+        self.latency.reset();
+    }
+
+    /// Effective weight: configured weight × the agent's percentage × the slow-start ramp.
+    /// A nonzero product never rounds down to zero.
     pub fn effective_weight(&self) -> u32 {
-        let configured = self.configured_weight();
-        let percent = u32::from(self.agent_percent.load(Ordering::Relaxed));
-        if percent >= 100 || configured == 0 {
-            return configured;
-        }
-        if percent == 0 {
+        let hundredths = self.balancing_weight();
+        if hundredths == 0 {
             return 0;
         }
-        ((u64::from(configured) * u64::from(percent) / 100).max(1)) as u32
+        (hundredths / 100).max(1)
+    }
+
+    /// The weight balancers use, in hundredths of a configured weight unit: configured
+    /// weight × agent percent × slow-start percent / 100. Finer than [`Self::effective_weight`]
+    /// so that a ramp or an agent factor still matters for weight-1 backends.
+    #[inline]
+    pub fn balancing_weight(&self) -> u32 {
+        let configured = u64::from(self.configured_weight());
+        let agent = u64::from(self.agent_percent.load(Ordering::Relaxed).min(100));
+        let ramp = u64::from(self.ramp_percent.load(Ordering::Relaxed));
+        if configured == 0 || agent == 0 {
+            return 0;
+        }
+        (configured * agent * ramp / 100).clamp(1, u64::from(u32::MAX)) as u32
+    }
+
+    /// Sets the pool's slow-start ramp length (zero turns slow start off and ends any ramp).
+    pub fn set_slow_start(&self, ramp: Duration) {
+        self.slow_start_ns
+            .store(ramp.as_nanos() as u64, Ordering::Relaxed);
+        if ramp.is_zero() {
+            self.ramp_percent.store(100, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts a slow-start ramp at clock reading `at_ns` (the backend joined or became
+    /// available again). Nothing happens when slow start is off.
+    pub fn begin_ramp(&self, at_ns: u64) {
+        if self.slow_start_ns.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        self.ramp_start_ns.store(at_ns, Ordering::Relaxed);
+        self.ramp_percent.store(
+            fulcrum_balance::slow_start::SLOW_START_FLOOR_PERCENT,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Advances the slow-start factor to clock reading `now_ns`; returns whether it changed.
+    /// The pool manager calls this on every housekeeping tick and rebuilds the selector when
+    /// balancing weights moved.
+    pub fn update_ramp(&self, now_ns: u64) -> bool {
+        let ramp = self.slow_start_ns.load(Ordering::Relaxed);
+        let elapsed = now_ns.saturating_sub(self.ramp_start_ns.load(Ordering::Relaxed));
+        let percent = slow_start_percent(Duration::from_nanos(elapsed), Duration::from_nanos(ramp));
+        self.ramp_percent.swap(percent, Ordering::Relaxed) != percent
+    }
+
+    /// The slow-start factor in percent (100 when not ramping).
+    pub fn ramp_percent(&self) -> u8 {
+        self.ramp_percent.load(Ordering::Relaxed)
     }
 
     /// The agent's weight percentage (100 when no agent reported).
@@ -211,6 +281,11 @@ impl BackendState {
     /// Forgets connect back-off and passive ejection: an active check just proved the
     /// backend healthy again.
     pub fn clear_failures(&self) {
+        // An ejection cut short: its ramp starts now rather than at the planned end.
+        let now = now_ns();
+        if self.ramp_start_ns.load(Ordering::Relaxed) > now {
+            self.ramp_start_ns.store(now, Ordering::Relaxed);
+        }
         self.down_until_ns.store(0, Ordering::Relaxed);
         self.passive.ejected_until_ns.store(0, Ordering::Relaxed);
         self.passive
@@ -237,7 +312,13 @@ impl BackendState {
         policy: &PassivePolicy,
         may_eject: impl FnOnce() -> bool,
     ) -> Option<Duration> {
-        self.passive.record_failure(policy, now_ns(), may_eject)
+        let now = now_ns();
+        let ejected = self.passive.record_failure(policy, now, may_eject);
+        if let Some(duration) = ejected {
+            // Back in service when the ejection ends: ramp up (and probe afresh) from then.
+            self.recovered(now + duration.as_nanos() as u64);
+        }
+        ejected
     }
 
     /// Whether balancers may send it new traffic: healthy, enabled, the agent says up, not
@@ -391,7 +472,7 @@ impl AdminState {
 impl Candidate for Backend {
     #[inline]
     fn weight(&self) -> u32 {
-        self.effective_weight()
+        self.balancing_weight()
     }
     #[inline]
     fn in_flight(&self) -> u32 {
@@ -400,6 +481,10 @@ impl Candidate for Backend {
     #[inline]
     fn is_eligible(&self) -> bool {
         self.is_available()
+    }
+    #[inline]
+    fn latency_ns(&self, now_ns: u64) -> u64 {
+        self.latency.estimate(now_ns)
     }
 }
 
@@ -501,5 +586,46 @@ mod tests {
         backend.set_agent(Some(200), Some(AgentVerdict::Drain));
         assert_eq!(backend.effective_weight(), 3);
         assert!(!backend.is_available());
+    }
+
+    #[test]
+    fn slow_start_ramps_the_balancing_weight() {
+        let backend = Backend::new("127.0.0.1:1".parse().unwrap(), 2);
+        assert_eq!(backend.balancing_weight(), 200);
+        // Off: a ramp request changes nothing.
+        backend.begin_ramp(1);
+        assert_eq!(backend.balancing_weight(), 200);
+        let second = 1_000_000_000;
+        backend.set_slow_start(Duration::from_secs(10));
+        backend.begin_ramp(second);
+        assert_eq!(backend.ramp_percent(), 10);
+        assert_eq!(backend.balancing_weight(), 20);
+        assert_eq!(backend.effective_weight(), 1);
+        assert!(backend.update_ramp(6 * second));
+        assert_eq!(backend.ramp_percent(), 55);
+        assert_eq!(backend.balancing_weight(), 110);
+        assert!(!backend.update_ramp(6 * second));
+        backend.update_ramp(11 * second);
+        assert_eq!(backend.balancing_weight(), 200);
+        // A ramp that starts in the future (an ejection's end) holds the floor until then.
+        backend.begin_ramp(100 * second);
+        backend.update_ramp(50 * second);
+        assert_eq!(backend.ramp_percent(), 10);
+        backend.set_agent(Some(50), None);
+        assert_eq!(backend.balancing_weight(), 10);
+        backend.set_slow_start(Duration::ZERO);
+        assert_eq!(backend.balancing_weight(), 100);
+    }
+
+    #[test]
+    fn recovery_starts_a_ramp_and_forgets_latency() {
+        let backend = Backend::new("127.0.0.1:1".parse().unwrap(), 1);
+        backend.set_slow_start(Duration::from_secs(10));
+        backend.latency.observe(5_000_000, now_ns());
+        backend.set_healthy(false);
+        assert_eq!(backend.ramp_percent(), 100);
+        backend.set_healthy(true);
+        assert_eq!(backend.ramp_percent(), 10);
+        assert_eq!(backend.latency.estimate(now_ns()), 0);
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use super::{AdminState, AgentVerdict, Backend, Pool, PoolSettings, PoolSnapshot};
+use crate::clock::now_ns;
 use crate::config::{AgentCheckConfig, BackendAddress, HealthConfig, PoolConfig};
 use crate::discovery::dns::{self, DnsTarget};
 use crate::events::EventLog;
@@ -466,6 +467,9 @@ impl PoolManager {
             }
             None => Backend::new(address, weight),
         };
+        // A joining backend ramps up (slow start, when configured).
+        backend.set_slow_start(self.settings.slow_start);
+        backend.begin_ramp(now_ns());
         if self.health.is_some() {
             // Health-checked before it takes traffic: the first passing check brings it up.
             backend.set_healthy(false);
@@ -500,6 +504,9 @@ impl PoolManager {
         if let Some(state) = state {
             let old = backend.admin_state();
             backend.set_admin_state(state);
+            if old != AdminState::Active && state == AdminState::Active {
+                backend.begin_ramp(now_ns());
+            }
             self.record(
                 "backend_state",
                 address,
@@ -543,6 +550,11 @@ impl PoolManager {
         let new_file = file_backends(config);
         let new_settings = Arc::new(PoolSettings::from_config(config));
         if *new_settings != *self.settings {
+            if new_settings.slow_start != self.settings.slow_start {
+                for backend in &self.members {
+                    backend.set_slow_start(new_settings.slow_start);
+                }
+            }
             self.settings = new_settings;
             self.events.record(
                 "pool_settings",
@@ -664,13 +676,20 @@ impl PoolManager {
                 true
             }
         });
+        // Slow start advances here: balancing weights move in 250 ms steps, and selectors that
+        // precompute from weights (round robin's schedule, random's sums, Maglev's table) are
+        // rebuilt below, off the data path, whenever a weight moved.
+        let now_ns = now_ns();
+        for backend in &self.members {
+            backend.update_ramp(now_ns);
+        }
         let weights_changed = {
             let snapshot = self.pool.snapshot();
             snapshot
                 .backends
                 .iter()
                 .zip(&snapshot.built_weights)
-                .any(|(b, &w)| b.effective_weight() != w)
+                .any(|(b, &w)| b.balancing_weight() != w)
         };
         if weights_changed || before != self.retiring.len() {
             self.publish();

@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
 pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
-use crate::config::PoolConfig;
+use crate::config::{HashKey, PoolConfig};
 use crate::metrics::histogram::LatencyHistogram;
 
 /// The statuses Fulcrum answers with itself when a backend cannot.
@@ -49,6 +49,12 @@ pub struct PoolSettings {
     pub retry_min_per_second: u32,
     /// PROXY protocol header sent at the start of backend connections (TCP mode).
     pub proxy_protocol: Option<crate::config::ProxyProtocolVersion>,
+    /// Slow-start ramp length; zero = off.
+    pub slow_start: Duration,
+    /// What consistent hashing hashes (`maglev` only).
+    pub hash_key: HashKey,
+    /// Consistent hashing with bounded loads: the factor (`maglev` only).
+    pub bounded_load: Option<f64>,
 }
 
 impl PoolSettings {
@@ -72,6 +78,13 @@ impl PoolSettings {
             retry_percent: config.retry_budget.percent,
             retry_min_per_second: config.retry_budget.min_per_second,
             proxy_protocol: config.proxy_protocol,
+            slow_start: config.slow_start.map_or(Duration::ZERO, |d| d.0),
+            hash_key: config
+                .hash_key
+                .as_ref()
+                .map(|k| k.get_ref().clone())
+                .unwrap_or_default(),
+            bounded_load: config.bounded_load.as_ref().map(|b| *b.get_ref()),
         }
     }
 }
@@ -88,7 +101,7 @@ pub struct PoolSnapshot {
     pub settings: Arc<PoolSettings>,
     /// Removed backends still finishing in-flight requests (never picked; shown in status).
     pub retiring: Vec<Backend>,
-    /// The effective weights the selector was built with (to know when to rebuild).
+    /// The balancing weights the selector was built with (to know when to rebuild).
     pub built_weights: Vec<u32>,
 }
 
@@ -99,13 +112,17 @@ impl PoolSnapshot {
         backends: Vec<Backend>,
         retiring: Vec<Backend>,
     ) -> Self {
-        let built_weights: Vec<u32> = backends.iter().map(|b| b.effective_weight()).collect();
+        let built_weights: Vec<u32> = backends.iter().map(|b| b.balancing_weight()).collect();
         let members: Vec<Member<'_>> = backends
             .iter()
             .zip(&built_weights)
             .map(|(b, &weight)| Member { id: &b.id, weight })
             .collect();
-        let selector = Selector::build(settings.algorithm, &members, &BuildOptions::default());
+        let options = BuildOptions {
+            bounded_load: settings.bounded_load,
+            ..BuildOptions::default()
+        };
+        let selector = Selector::build(settings.algorithm, &members, &options);
         PoolSnapshot {
             backends,
             selector,
@@ -149,9 +166,12 @@ impl Pool {
             .iter()
             .filter_map(|spec| {
                 let spec = spec.get_ref();
-                spec.address
-                    .ip()
-                    .map(|address| Backend::new(address, spec.weight))
+                spec.address.ip().map(|address| {
+                    let backend = Backend::new(address, spec.weight);
+                    // Starting backends take full weight at once; only later joins ramp.
+                    backend.set_slow_start(settings.slow_start);
+                    backend
+                })
             })
             .collect();
         let initial_allowance = i64::from(settings.retry_min_per_second);
@@ -253,8 +273,12 @@ pub struct BackendStatus {
     pub address: String,
     /// Weight from config or API.
     pub weight: u32,
-    /// Weight balancers use now.
+    /// Weight balancers use now (configured × agent × slow start).
     pub effective_weight: u32,
+    /// Slow-start factor in percent (100 when not ramping).
+    pub slow_start_percent: u8,
+    /// Peak-EWMA of the time to response headers, in milliseconds; null until measured.
+    pub latency_ewma_ms: Option<f64>,
     /// active / draining / maint (a removed backend finishing its requests shows draining).
     pub state: &'static str,
     /// up / down per health checks.
@@ -287,6 +311,11 @@ impl BackendStatus {
             address: backend.id.clone(),
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
+            slow_start_percent: backend.ramp_percent(),
+            latency_ewma_ms: match backend.latency.estimate(crate::clock::now_ns()) {
+                0 => None,
+                ns => Some(ns as f64 / 1e6),
+            },
             state: if removing {
                 "draining"
             } else {

@@ -4,18 +4,19 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fulcrum_balance::{bounded, splitmix64, PickContext};
+use fulcrum_balance::{bounded, key_hash, splitmix64, Algorithm, PickContext};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::clock::now_ns;
+use crate::config::HashKey;
 use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
@@ -119,7 +120,7 @@ impl HttpProxy {
                 .await
         } else {
             match prepare_request(request, client) {
-                Ok(request) => self.forward(request).await,
+                Ok(request) => self.forward(request, client.ip()).await,
                 Err(message) => local_response(StatusCode::BAD_REQUEST, message),
             }
         };
@@ -144,11 +145,18 @@ impl HttpProxy {
         Ok(response)
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, request: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
         let pool = &self.pool;
         let snapshot_guard = pool.snapshot();
         let snapshot: &PoolSnapshot = &snapshot_guard;
         let settings = &*snapshot.settings;
+        // Consistent hashing needs the request's key; a request without one spreads randomly.
+        let key_hash = if settings.algorithm == Algorithm::Maglev {
+            request_key_hash(&settings.hash_key, &request, client).unwrap_or_else(next_random)
+        } else {
+            0
+        };
+        let now_ns = now_ns();
         let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
         // A request that reached a backend may be sent again elsewhere only when it is
         // idempotent and has no body: keep its head for that.
@@ -160,9 +168,9 @@ impl HttpProxy {
         let mut failure = None;
         for attempt in 0..attempts {
             let ctx = PickContext {
-                key_hash: 0,
+                key_hash,
                 random: next_random(),
-                now_ns: 0,
+                now_ns,
                 excluded: &tried[..attempt],
             };
             let Some(index) = snapshot.pick(&ctx) else {
@@ -254,6 +262,7 @@ impl HttpProxy {
         let settings = &*snapshot.settings;
         let guard = backend.start_request();
         loop {
+            let sent_ns = now_ns();
             let sent = tokio::time::timeout(
                 settings.request_timeout,
                 connection.sender.try_send_request(request),
@@ -261,6 +270,11 @@ impl HttpProxy {
             .await;
             let mut error = match sent {
                 Ok(Ok(mut response)) => {
+                    // Time to response headers feeds the backend's peak-EWMA latency.
+                    let answered_ns = now_ns();
+                    backend
+                        .latency
+                        .observe(answered_ns.saturating_sub(sent_ns), answered_ns);
                     backend.record_status(response.status().as_u16());
                     if response.status().is_server_error() {
                         self.note_failure(snapshot, backend, false);
@@ -275,6 +289,10 @@ impl HttpProxy {
                 }
                 Ok(Err(error)) => error,
                 Err(_) => {
+                    // A timeout counts as (at least) the whole timeout of latency.
+                    backend
+                        .latency
+                        .observe(settings.request_timeout.as_nanos() as u64, now_ns());
                     self.note_failure(snapshot, backend, false);
                     tracing::warn!(
                         listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
@@ -356,6 +374,39 @@ impl ReplayableHead {
     }
 }
 
+/// The hash of the request's affinity key, or `None` when the request has no such key
+/// (header or cookie absent). Reads the key in place: no allocation.
+fn request_key_hash<B>(key: &HashKey, request: &Request<B>, client: IpAddr) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(match client {
+            IpAddr::V4(v4) => key_hash(&v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => key_hash(&v4.octets()),
+                None => key_hash(&v6.octets()),
+            },
+        }),
+        HashKey::Header(name) => request
+            .headers()
+            .get(name)
+            .map(|value| key_hash(value.as_bytes())),
+        HashKey::Cookie(name) => cookie_value(request.headers(), name.as_bytes()).map(key_hash),
+        HashKey::Path => Some(key_hash(request.uri().path().as_bytes())),
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` header(s).
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &[u8]) -> Option<&'a [u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let value = pair.strip_prefix(name)?.strip_prefix(b"=")?;
+            Some(value.trim_ascii())
+        })
+}
+
 /// Rewrites a client request for the backend: origin-form URI, HTTP/1.1, `Host` kept (or set
 /// from an HTTP/2 `:authority`), hop-by-hop headers removed, `X-Forwarded-*` added.
 pub(crate) fn prepare_request(
@@ -388,4 +439,43 @@ pub(crate) fn prepare_request(
     add_forwarded(headers, client.ip(), "http", host);
     *request.version_mut() = Version::HTTP_11;
     Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)], path: &str) -> Request<()> {
+        let mut builder = Request::builder().uri(path);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn keys_are_read_from_the_request() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        let r = request(
+            &[("x-user", "alice"), ("cookie", "a=1; session=s3cr3t ;b=2")],
+            "/cart?x=1",
+        );
+        let hash = |key: &HashKey| request_key_hash(key, &r, ip);
+        assert_eq!(hash(&HashKey::ClientIp), Some(key_hash(&[10, 1, 2, 3])));
+        assert_eq!(
+            request_key_hash(&HashKey::ClientIp, &r, mapped),
+            hash(&HashKey::ClientIp)
+        );
+        let header = HashKey::Header(http::HeaderName::from_static("x-user"));
+        assert_eq!(hash(&header), Some(key_hash(b"alice")));
+        assert_eq!(
+            hash(&HashKey::Cookie("session".into())),
+            Some(key_hash(b"s3cr3t"))
+        );
+        assert_eq!(hash(&HashKey::Cookie("sess".into())), None);
+        assert_eq!(hash(&HashKey::Path), Some(key_hash(b"/cart")));
+        let bare = request(&[], "/");
+        assert_eq!(request_key_hash(&header, &bare, ip), None);
+    }
 }
