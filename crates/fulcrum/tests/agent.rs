@@ -331,10 +331,14 @@ fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 fn haproxy_agent_check_follows_fulcrum_agent() {
     let dir = tempfile::tempdir().unwrap();
     let maint = dir.path().join("maint");
+    let drain = dir.path().join("drain");
     let down = dir.path().join("down");
     let maint_arg = maint.display().to_string();
+    let drain_arg = drain.display().to_string();
     let check = format!("test ! -e {}", down.display());
     let mut args = vec![
+        "--drain-file",
+        &drain_arg,
         "--listen",
         "127.0.0.1:0",
         "--max-weight",
@@ -367,6 +371,10 @@ fn haproxy_agent_check_follows_fulcrum_agent() {
     std::fs::write(&maint, "").unwrap();
     haproxy.wait_server("MAINT", None);
     std::fs::remove_file(&maint).unwrap();
+    haproxy.wait_server("UP", Some("50"));
+    std::fs::write(&drain, "").unwrap();
+    haproxy.wait_server("DRAIN (agent)", Some("50"));
+    std::fs::remove_file(&drain).unwrap();
     haproxy.wait_server("UP", Some("50"));
     std::fs::write(&down, "").unwrap();
     haproxy.wait_server("DOWN (agent)", None);
