@@ -99,6 +99,13 @@ async fn plain_agent_halves_the_weight_then_drains_the_backend() {
     assert_eq!(b_view["agent_state"], "up", "{b_view}");
 
     let url = format!("http://{}/", lb.addr);
+    // The balancer rebuilds its weights within a housekeeping tick of the change: smooth
+    // weighted round robin over weights 5 and 10 then gives a exactly 10 of any 30 requests.
+    let rebuilt = eventually(Duration::from_secs(5), || async {
+        spread(&url, 30, 2).await.0.get("a") == Some(&10)
+    })
+    .await;
+    assert!(rebuilt, "a's halved weight never reached the balancer");
     let (counts, failures) = spread(&url, 300, 4).await;
     assert!(failures.is_empty(), "{failures:?}");
     // Weights 5 and 10: a gets a third.
