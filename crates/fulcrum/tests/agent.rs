@@ -136,6 +136,13 @@ async fn plain_agent_halves_the_weight_then_drains_the_backend() {
     assert!(changes[0].contains("50% up"), "{changes:?}");
     assert!(changes[1].contains("50% drain"), "{changes:?}");
     assert!(lb.logs().contains("agent: 50% drain"), "{}", lb.logs());
+
+    // A reload without `[pools.app.agent]` stops polling and forgets the agent's say.
+    let config = config_for(&[(a.addr, 10), (b.addr, 10)], "algorithm = \"round_robin\"");
+    std::fs::write(lb.config_path.as_ref().unwrap(), config).unwrap();
+    lb.signal("HUP");
+    wait_field(&lb, a.addr, "agent_state", "up".into()).await;
+    assert_eq!(backend_view(&lb, a.addr).await["effective_weight"], 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
