@@ -99,6 +99,13 @@ async fn plain_agent_halves_the_weight_then_drains_the_backend() {
     assert_eq!(b_view["agent_state"], "up", "{b_view}");
 
     let url = format!("http://{}/", lb.addr);
+    // The balancer rebuilds its weights within a housekeeping tick of the change: smooth
+    // weighted round robin over weights 5 and 10 then gives a exactly 10 of any 30 requests.
+    let rebuilt = eventually(Duration::from_secs(5), || async {
+        spread(&url, 30, 2).await.0.get("a") == Some(&10)
+    })
+    .await;
+    assert!(rebuilt, "a's halved weight never reached the balancer");
     let (counts, failures) = spread(&url, 300, 4).await;
     assert!(failures.is_empty(), "{failures:?}");
     // Weights 5 and 10: a gets a third.
@@ -129,6 +136,13 @@ async fn plain_agent_halves_the_weight_then_drains_the_backend() {
     assert!(changes[0].contains("50% up"), "{changes:?}");
     assert!(changes[1].contains("50% drain"), "{changes:?}");
     assert!(lb.logs().contains("agent: 50% drain"), "{}", lb.logs());
+
+    // A reload without `[pools.app.agent]` stops polling and forgets the agent's say.
+    let config = config_for(&[(a.addr, 10), (b.addr, 10)], "algorithm = \"round_robin\"");
+    std::fs::write(lb.config_path.as_ref().unwrap(), config).unwrap();
+    lb.signal("HUP");
+    wait_field(&lb, a.addr, "agent_state", "up".into()).await;
+    assert_eq!(backend_view(&lb, a.addr).await["effective_weight"], 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,10 +345,14 @@ fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 fn haproxy_agent_check_follows_fulcrum_agent() {
     let dir = tempfile::tempdir().unwrap();
     let maint = dir.path().join("maint");
+    let drain = dir.path().join("drain");
     let down = dir.path().join("down");
     let maint_arg = maint.display().to_string();
+    let drain_arg = drain.display().to_string();
     let check = format!("test ! -e {}", down.display());
     let mut args = vec![
+        "--drain-file",
+        &drain_arg,
         "--listen",
         "127.0.0.1:0",
         "--max-weight",
@@ -367,6 +385,10 @@ fn haproxy_agent_check_follows_fulcrum_agent() {
     std::fs::write(&maint, "").unwrap();
     haproxy.wait_server("MAINT", None);
     std::fs::remove_file(&maint).unwrap();
+    haproxy.wait_server("UP", Some("50"));
+    std::fs::write(&drain, "").unwrap();
+    haproxy.wait_server("DRAIN (agent)", Some("50"));
+    std::fs::remove_file(&drain).unwrap();
     haproxy.wait_server("UP", Some("50"));
     std::fs::write(&down, "").unwrap();
     haproxy.wait_server("DOWN (agent)", None);

@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// `touch` it before working on the host, remove it after).
     #[arg(long)]
     pub maint_file: Option<PathBuf>,
+    /// While this file exists the agent answers `drain`: no new traffic, in-flight requests
+    /// finish (an operator's switch before a deploy or a restart).
+    #[arg(long)]
+    pub drain_file: Option<PathBuf>,
     /// How often CPU, memory and disk are sampled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub sample_interval: Duration,
@@ -144,13 +148,14 @@ struct Shared {
     figures: Mutex<Figures>,
     thresholds: Thresholds,
     maint_file: Option<PathBuf>,
+    drain_file: Option<PathBuf>,
     disk_path: PathBuf,
     check_command: Option<String>,
 }
 
 impl Shared {
-    /// The figures now (the maintenance file is looked at on every answer, so it takes
-    /// effect at once) and the verdict.
+    /// The figures now (the maintenance and drain files are looked at on every answer, so
+    /// they take effect at once) and the verdict.
     fn current(&self) -> (Figures, Verdict) {
         let mut figures = self
             .figures
@@ -162,6 +167,11 @@ impl Shared {
             .as_deref()
             .filter(|p| p.exists())
             .map(|p| format!("maint file {} exists", p.display()));
+        figures.drain = self
+            .drain_file
+            .as_deref()
+            .filter(|p| p.exists())
+            .map(|p| format!("drain file {} exists", p.display()));
         let verdict = decide(&figures, &self.thresholds);
         (figures, verdict)
     }
@@ -259,9 +269,11 @@ pub async fn start(args: &AgentArgs) -> Result<AgentAddresses> {
             disk_percent,
             check_failure,
             maint: None,
+            drain: None,
         }),
         thresholds,
         maint_file: args.maint_file.clone(),
+        drain_file: args.drain_file.clone(),
         disk_path: args.disk_path.clone(),
         check_command: args.check_command.clone(),
     });
@@ -388,6 +400,7 @@ struct Status {
     check_command: Option<String>,
     check_failure: Option<String>,
     maint: bool,
+    drain: bool,
     weight_percent: u8,
     verdict: State,
     reason: String,
@@ -405,6 +418,7 @@ async fn status(AxumState(shared): AxumState<Arc<Shared>>) -> Json<Status> {
         check_command: shared.check_command.clone(),
         check_failure: figures.check_failure,
         maint: figures.maint.is_some(),
+        drain: figures.drain.is_some(),
         weight_percent: verdict.weight_percent,
         verdict: verdict.state,
         reason: verdict.reason.clone(),

@@ -48,6 +48,8 @@ pub struct Figures {
     pub check_failure: Option<String>,
     /// Why the host is in maintenance (none: it is not).
     pub maint: Option<String>,
+    /// Why an operator asked to drain the host (none: no one did).
+    pub drain: Option<String>,
 }
 
 /// The state the agent asks for.
@@ -56,7 +58,7 @@ pub struct Figures {
 pub enum State {
     /// Take traffic.
     Up,
-    /// No new traffic (memory or disk above its limit).
+    /// No new traffic (asked by an operator, or memory or disk above its limit).
     Drain,
     /// No traffic: the check command failed.
     Down,
@@ -97,7 +99,8 @@ fn falloff(used: f64, from: f64, floor: f64) -> f64 {
 }
 
 /// Decides the weight and state from the figures: maintenance wins over a failed check
-/// command, which wins over drain (memory or disk above its limit); the weight is the lower of
+/// command, which wins over drain (asked by an operator, or memory or disk above its limit);
+/// the weight is the lower of
 /// the CPU and memory fall-offs, between `min_weight` and `max_weight`.
 pub fn decide(figures: &Figures, thresholds: &Thresholds) -> Verdict {
     let floor = f64::from(thresholds.min_weight.min(100));
@@ -113,6 +116,8 @@ pub fn decide(figures: &Figures, thresholds: &Thresholds) -> Verdict {
         (State::Maint, why.clone())
     } else if let Some(why) = &figures.check_failure {
         (State::Down, why.clone())
+    } else if let Some(why) = &figures.drain {
+        (State::Drain, why.clone())
     } else if figures.memory_percent > thresholds.mem_drain {
         (State::Drain, format!("mem {:.0}%", figures.memory_percent))
     } else if let Some(disk) = figures.disk_percent.filter(|d| *d > thresholds.disk_drain) {
@@ -229,6 +234,11 @@ mod tests {
         let v = decide(&f, &t);
         assert_eq!(v.state, State::Down);
         assert!(v.line().contains("ready down #check-command exited 1"));
+        f.check_failure = None;
+        f.drain = Some("drain file /y exists".into());
+        assert_eq!(decide(&f, &t).reason, "drain file /y exists");
+        f.check_failure = Some("check-command exited 1".into());
+        assert_eq!(decide(&f, &t).state, State::Down);
         f.maint = Some("maint file /x exists".into());
         let v = decide(&f, &t);
         assert_eq!(v.state, State::Maint);
