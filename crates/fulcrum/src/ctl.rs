@@ -136,7 +136,11 @@ pub fn main(args: CtlArgs) -> ExitCode {
     };
     match runtime.block_on(run(args)) {
         Ok(output) => {
-            print!("{output}");
+            // Not print!: a closed stdout (`fulcrum ctl pools | head -1`) must not panic.
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(output.as_bytes());
+            let _ = stdout.flush();
             ExitCode::SUCCESS
         }
         Err(error) => {
