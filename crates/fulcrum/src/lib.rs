@@ -5,8 +5,8 @@
 //! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
 
 pub mod admin;
-pub mod autoscale;
 pub mod agent;
+pub mod autoscale;
 pub mod backend;
 pub mod clock;
 pub mod config;

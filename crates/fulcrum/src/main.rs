@@ -150,13 +150,14 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         } => {
             init_logging(cli_format.unwrap_or_default());
             runtime(workers.max(1))?.block_on(async move {
+                let stop = stop_signal();
                 if tcp_echo {
                     let address = spawn_tcp_echo(listen, proxy_protocol).await?;
                     println!(
                         "listening backend tcp://{address} name={}",
                         name.unwrap_or_else(|| address.to_string())
                     );
-                    wait_for_signal().await;
+                    stop.await;
                     return anyhow::Ok(());
                 }
                 let options = BackendOptions {
@@ -169,7 +170,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     "listening backend http://{address} name={}",
                     name.unwrap_or_else(|| address.to_string())
                 );
-                wait_for_signal().await;
+                stop.await;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -177,12 +178,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Agent(args) => {
             init_logging(cli_format.unwrap_or_default());
             runtime(1)?.block_on(async move {
+                let stop = stop_signal();
                 let addresses = fulcrum::agent::start(&args).await?;
                 println!("listening agent tcp://{}", addresses.agent);
                 if let Some(http) = addresses.http {
                     println!("listening agent-http http://{http}");
                 }
-                wait_for_signal().await;
+                stop.await;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -204,7 +206,9 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 
 async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
     let admin = config.admin.clone();
+    let stop = stop_signal();
     let server = Server::start(config, path.map(Path::to_path_buf)).await?;
+    reload_on_sighup(server.clone());
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_address = fulcrum::admin::start(
         admin.listen.get_ref().0,
@@ -226,49 +230,56 @@ async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
             println!("press Ctrl-C to stop");
         }
     }
-    tokio::spawn(reload_on_sighup(server.clone()));
-    wait_for_signal().await;
+    stop.await;
     server.shutdown().await;
     let _ = stop_admin.send(true);
     Ok(())
 }
 
-/// Reloads the configuration on every SIGHUP; a bad file is logged and changes nothing.
-async fn reload_on_sighup(server: std::sync::Arc<Server>) {
+/// Installs the SIGHUP handler now (before readiness is printed) and reloads the
+/// configuration on every SIGHUP; a bad file is logged and changes nothing.
+fn reload_on_sighup(server: std::sync::Arc<Server>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; reload through the admin API");
             return;
         };
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading configuration");
-            let _ = server.reload().await;
-        }
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading configuration");
+                let _ = server.reload().await;
+            }
+        });
     }
     #[cfg(not(unix))]
     let _ = server;
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn wait_for_signal() {
+/// Installs the SIGINT/SIGTERM handlers now and returns a future that ends at the first of
+/// them. Installed before readiness is printed, so a signal sent right after it is never
+/// lost to the default action.
+fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate = match signal(SignalKind::terminate()) {
-            Ok(terminate) => terminate,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+        if let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            return Box::pin(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            });
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn init_logging(format: LogFormat) {

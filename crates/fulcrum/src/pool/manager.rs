@@ -642,10 +642,11 @@ impl PoolManager {
             .front()
             .copied()
             .unwrap_or((requests, retries));
-        let window_seconds = (self.retry_window.len() as u64
-            * HOUSEKEEPING_INTERVAL.as_millis() as u64)
-            .div_ceil(1000)
-            .max(1);
+        // The per-second floor counts over the whole window from the start, so a pool that
+        // just started (or just got its first traffic) can already absorb a backend dying
+        // under load.
+        let window_seconds =
+            (RETRY_WINDOW_TICKS as u64 * HOUSEKEEPING_INTERVAL.as_millis() as u64).div_ceil(1000);
         let earned = requests.saturating_sub(old_requests) * u64::from(self.settings.retry_percent)
             / 100
             + u64::from(self.settings.retry_min_per_second) * window_seconds;
