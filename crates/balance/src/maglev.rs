@@ -4,8 +4,9 @@
 //! A lookup table of prime size M (65537 by default) is filled from the members' ids alone:
 //! each member has a permutation of the slots given by two independent hashes of its id
 //! (offset, skip), and members take turns claiming their next free slot, a member of weight w
-//! taking w turns for each turn of the heaviest member's weight. Every node that knows the same
-//! members builds the same table; removing one member moves mostly its own slots.
+//! taking w turns for each turn of the heaviest member's weight. Turns go in id order, so every
+//! node that knows the same members builds the same table whatever their order; removing one
+//! member moves mostly its own slots.
 //!
 //! A pick maps the request's key hash to a slot. When that slot's backend is unusable (down,
 //! excluded, weight 0) or, with bounded loads, full, the walk continues over the following
@@ -90,6 +91,9 @@ impl Maglev {
                     target: 0,
                 })
                 .collect();
+            // Turns go in id order, not snapshot order, so the table depends only on the set
+            // of members: nodes that list them differently still agree.
+            entries.sort_by_key(|e| members[e.index as usize].0);
             let mut filled = 0usize;
             let mut iteration = 0u64;
             while filled < size {
