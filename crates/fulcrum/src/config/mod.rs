@@ -507,6 +507,41 @@ request = "30s"
     }
 
     #[test]
+    fn tcp_listener_and_proxy_protocol_keys_parse() {
+        let text = ISSUE_EXAMPLE
+            .replace(
+                "protocol = \"http\"",
+                "protocol = \"tcp\"\naccept_proxy_protocol = true\nidle_timeout = \"30s\"",
+            )
+            .replace(
+                "algorithm = \"round_robin\"",
+                "proxy_protocol = \"v2\"\nalgorithm = \"round_robin\"",
+            );
+        let config = parse(&text).unwrap();
+        let listener = &config.listeners["web"];
+        assert_eq!(listener.protocol, ListenerProtocol::Tcp);
+        assert!(listener.accept_proxy_protocol);
+        assert_eq!(listener.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(
+            config.pools["app"].proxy_protocol,
+            Some(ProxyProtocolVersion::V2)
+        );
+        let bad = text.replace("\"v2\"", "\"v3\"");
+        assert!(error_at(&bad).2.contains("v3"), "{}", error_at(&bad).2);
+    }
+
+    #[test]
+    fn proxy_protocol_to_http_backends_is_refused_at_the_listener() {
+        let text = ISSUE_EXAMPLE.replace(
+            "algorithm = \"round_robin\"",
+            "proxy_protocol = \"v2\"\nalgorithm = \"round_robin\"",
+        );
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (8, 8), "{message}");
+        assert!(message.contains("only TCP listeners"), "{message}");
+    }
+
+    #[test]
     fn duplicate_backend_and_empty_pool_are_refused() {
         let text = ISSUE_EXAMPLE.replace("\"127.0.0.1:9003\"", "\"127.0.0.1:9001\"");
         assert!(error_at(&text).2.contains("twice"));
