@@ -353,3 +353,98 @@ async fn tcp_listener_passes_the_front_client_address_on_to_backends() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(json_body(&response)["client"], front.to_string());
 }
+
+/// Opens a session through `addr` and checks it echoes (so it is established end to end).
+async fn open_session(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await.unwrap();
+    stream
+}
+
+/// Waits (bounded) for the peer to close `stream`; returns how long that took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 16];
+    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
+        Err(_) => panic!("session still open after {limit:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tcp_mode_honours_max_connections_idle_timeout_and_drain_timeout() {
+    let echo = backend_with("echo", &["--tcp-echo"]);
+    let lb = balancer_with(
+        &config(
+            "tcp",
+            &[echo.addr],
+            "max_connections = 1\nidle_timeout = \"1s\"",
+            "drain_timeout = \"1s\"",
+        ),
+        1,
+    );
+    // One session allowed: a second connection is closed at once.
+    let mut first = open_session(lb.addr).await;
+    let mut second = TcpStream::connect(lb.addr).await.unwrap();
+    closed_within(&mut second, Duration::from_secs(3)).await;
+    // The idle session is closed after about a second of silence.
+    let idle = closed_within(&mut first, Duration::from_secs(5)).await;
+    assert!(
+        idle >= Duration::from_millis(500),
+        "closed too early: {idle:?}"
+    );
+    // A session on a removed backend lasts until the drain timeout, then is closed.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight(&lb, echo.addr).await == 0
+        })
+        .await
+    );
+    let mut session = open_session(lb.addr).await;
+    let removed = client()
+        .delete(format!(
+            "{}/api/pools/app/backends/{}",
+            lb.admin_url(),
+            echo.addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 202);
+    // Keep it busy (so the idle timeout cannot be what closes it) until it is closed.
+    let removed_at = Instant::now();
+    let mut echoes = 0;
+    loop {
+        assert!(
+            removed_at.elapsed() < Duration::from_secs(5),
+            "session outlived the drain timeout"
+        );
+        if session.write_all(b"y").await.is_err() {
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match session.read(&mut byte).await {
+            Ok(1) => echoes += 1,
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lasted = removed_at.elapsed();
+    assert!(
+        echoes >= 3,
+        "a draining backend's session must keep working"
+    );
+    assert!(
+        lasted >= Duration::from_millis(900),
+        "closed before the drain timeout: {lasted:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app_backends(&lb).await.is_empty()
+        })
+        .await
+    );
+}
