@@ -320,6 +320,13 @@ async fn listener_accepts_proxy_protocol_from_a_front_balancer() {
             "{response}"
         );
     }
+    // A client that sends nothing is closed at header_read_timeout.
+    let mut silent = TcpStream::connect(lb.addr).await.unwrap();
+    let waited = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
     // No header (a plain request): closed without an answer, and logged.
     let (_, response) = raw_get(lb.addr, b"", "/").await;
     assert_eq!(
