@@ -43,7 +43,10 @@ async fn in_flight(lb: &Proc, addr: SocketAddr) -> u64 {
 #[tokio::test]
 async fn websocket_echo_passes_through_and_counts_in_flight() {
     let backend = backend("ws", 0);
-    let lb = balancer_with(&config("http", &[backend.addr], "", ""), 1);
+    let lb = balancer_with(
+        &config("http", &[backend.addr], "max_connections = 1", ""),
+        1,
+    );
     let stream = TcpStream::connect(lb.addr).await.unwrap();
     let (mut socket, response) =
         tokio_tungstenite::client_async(format!("ws://{}/ws", lb.addr), stream)
@@ -60,8 +63,22 @@ async fn websocket_echo_passes_through_and_counts_in_flight() {
     let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     socket.send(Message::binary(blob.clone())).await.unwrap();
     assert_eq!(socket.next().await.unwrap().unwrap(), Message::binary(blob));
-    // The open tunnel is one request in flight on the backend.
+    // The open tunnel is one request in flight on the backend, and still holds its client
+    // connection's place on the listener (max_connections = 1: another client is refused).
     assert_eq!(in_flight(&lb, backend.addr).await, 1);
+    let open = "listener=\"front\"";
+    assert_eq!(
+        metric(&lb, "fulcrum_client_connections_open", &[open]).await,
+        1.0
+    );
+    assert!(
+        client()
+            .get(format!("http://{}/", lb.addr))
+            .send()
+            .await
+            .is_err(),
+        "a second connection was served beside the open WebSocket"
+    );
     // Removing the backend drains it: it stays listed (draining) while the tunnel is open,
     // and the tunnel keeps working.
     let removed = client()
@@ -96,6 +113,12 @@ async fn websocket_echo_passes_through_and_counts_in_flight() {
         })
         .await,
         "backend still listed after its WebSocket closed"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(&lb, "fulcrum_client_connections_open", &[open]).await == 0.0
+        })
+        .await
     );
 }
 

@@ -8,6 +8,7 @@
 //! HTTP/1.1 for WebSockets.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_balance::PickContext;
@@ -26,6 +27,11 @@ use crate::proxy::tcp::relay;
 
 /// Most backends one upgrade request is tried on (connect failures).
 const MAX_ATTEMPTS_CAP: usize = 8;
+
+/// The client connection's place on its listener (connection limit, open count), put in an
+/// upgrade request's extensions by the server so the tunnel holds it for its whole life.
+#[derive(Clone)]
+pub struct ClientSlot(pub Arc<dyn std::any::Any + Send + Sync>);
 
 /// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an
 /// `Upgrade` header).
@@ -74,6 +80,7 @@ impl HttpProxy {
         idle_timeout: Duration,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut request);
+        let slot = request.extensions_mut().remove::<ClientSlot>();
         let upgrade = request.headers().get(header::UPGRADE).cloned();
         let mut request = match prepare_request(request, client) {
             Ok(request) => request,
@@ -164,7 +171,7 @@ impl HttpProxy {
             let backend = backend.clone();
             let pool = pool.clone();
             tokio::spawn(async move {
-                let _guard = guard;
+                let _held = (guard, slot);
                 let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade)
                 {
                     (Ok(c), Ok(u)) => (c, u),
