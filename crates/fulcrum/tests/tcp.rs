@@ -305,9 +305,33 @@ fn json_body(response: &str) -> serde_json::Value {
 #[tokio::test]
 async fn proxy_v2_to_backends_carries_the_real_client_address() {
     let backend = backend_with("pp", &["--proxy-protocol"]);
+    // HTTP health checks reach a backend that insists on a PROXY header: they send a LOCAL
+    // one. A backend added through the API starts down and comes up on its first passing
+    // check, so its coming up proves the checks pass.
     let lb = balancer_with(
-        &config("tcp", &[backend.addr], "", "proxy_protocol = \"v2\""),
+        &config(
+            "tcp",
+            &[dead_address()],
+            "",
+            "proxy_protocol = \"v2\"\n[pools.app.health]\nkind = \"http\"\ninterval = \"100ms\"",
+        ),
         1,
+    );
+    let added = client()
+        .post(format!("{}/api/pools/app/backends", lb.admin_url()))
+        .header("content-type", "application/json")
+        .body(format!("{{\"address\": \"{}\"}}", backend.addr))
+        .send()
+        .await
+        .unwrap();
+    assert!(added.status().is_success(), "{}", added.status());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app_backends(&lb).await[&backend.addr.to_string()]["health"] == "up"
+        })
+        .await,
+        "health checks with a PROXY LOCAL header failed: {}",
+        lb.logs()
     );
     let (local, response) = raw_get(lb.addr, b"", "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
