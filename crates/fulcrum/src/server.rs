@@ -409,6 +409,7 @@ fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     builder
         .http2()
+        .enable_connect_protocol() // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32);
     builder

@@ -122,6 +122,64 @@ async fn websocket_echo_passes_through_and_counts_in_flight() {
     );
 }
 
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_an_http1_backend() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let backend = backend("ws2", 0);
+    let lb = balancer_with(&config("http", &[backend.addr], "", ""), 1);
+    let stream = TcpStream::connect(lb.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // A plain request first: its answer comes after the server's SETTINGS, which must have
+    // enabled extended CONNECT before the client may use it.
+    let get = http::Request::get(format!("http://{}/", lb.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(get).await.unwrap().status(), 200);
+    let mut connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}/ws", lb.addr))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = sender.send_request(connect).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "ws2");
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..3 {
+        let text = format!("over h2 {i}");
+        socket.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(socket.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    assert_eq!(in_flight(&lb, backend.addr).await, 1);
+    socket.close(None).await.unwrap();
+    while let Some(Ok(_)) = socket.next().await {}
+    drop(socket);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight(&lb, backend.addr).await == 0
+        })
+        .await,
+        "in-flight not released after the HTTP/2 WebSocket closed"
+    );
+}
+
 /// Streams `total` bytes of a pattern through `addr` and checks the echo byte for byte, with
 /// bounded memory. Returns the elapsed time.
 async fn echo_pattern(addr: SocketAddr, total: u64) -> Duration {
