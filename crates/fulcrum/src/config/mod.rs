@@ -340,6 +340,12 @@ impl Config {
                     ),
                 ));
             }
+            if listener.idle_timeout.0.is_zero() {
+                return Err((
+                    listener.pool.span(),
+                    format!("listener `{name}`: idle_timeout must be longer than 0s"),
+                ));
+            }
             if listener.max_header_bytes < 8192 {
                 return Err((
                     listener.pool.span(),
@@ -525,6 +531,12 @@ request = "30s"
         assert_eq!(
             config.pools["app"].proxy_protocol,
             Some(ProxyProtocolVersion::V2)
+        );
+        let zero = text.replace("idle_timeout = \"30s\"", "idle_timeout = \"0s\"");
+        assert!(
+            error_at(&zero).2.contains("idle_timeout"),
+            "{}",
+            error_at(&zero).2
         );
         let bad = text.replace("\"v2\"", "\"v3\"");
         assert!(error_at(&bad).2.contains("v3"), "{}", error_at(&bad).2);

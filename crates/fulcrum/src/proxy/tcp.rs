@@ -139,7 +139,11 @@ where
             COPY_BUFFER,
         );
         tokio::pin!(copy);
-        let mut ticks = tokio::time::interval(SESSION_TICK.min(idle_timeout));
+        // (A zero period would make `interval` panic; the config refuses 0 anyway.)
+        let tick = SESSION_TICK
+            .min(idle_timeout)
+            .max(Duration::from_millis(10));
+        let mut ticks = tokio::time::interval(tick);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_total = 0;
         let mut last_change = Instant::now();
