@@ -307,7 +307,12 @@ async fn tcp_mode_fails_over_from_a_dead_backend_and_counts_sessions() {
     let echo = backend_with("echo", &["--tcp-echo"]);
     let dead = dead_address();
     let lb = balancer_with(
-        &config("tcp", &[dead, echo.addr], "", "algorithm = \"round_robin\""),
+        &config(
+            "tcp",
+            &[dead, echo.addr],
+            "",
+            "algorithm = \"round_robin\"\n[server]\naccess_log = true",
+        ),
         1,
     );
     for i in 0..6 {
@@ -318,6 +323,14 @@ async fn tcp_mode_fails_over_from_a_dead_backend_and_counts_sessions() {
     assert!(
         backends[&dead.to_string()]["failures"].as_u64().unwrap() >= 1,
         "{backends:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            lb.logs().matches("tcp session").count() >= 6
+        })
+        .await,
+        "no access-log line per session: {}",
+        lb.logs()
     );
     // An open session counts as in flight on its backend.
     let mut open = TcpStream::connect(lb.addr).await.unwrap();

@@ -264,6 +264,7 @@ impl TcpProxy {
 
     /// Serves one client connection to its end.
     async fn session(&self, mut stream: TcpStream, mut client: SocketAddr) {
+        let started = Instant::now();
         let mut local = match stream.local_addr() {
             Ok(local) => local,
             Err(_) => return,
@@ -308,6 +309,19 @@ impl TcpProxy {
         )
         .await;
         tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "TCP session ended");
+        if self.http.access_log {
+            tracing::info!(
+                target: "fulcrum::access",
+                listener = %self.http.listener,
+                %client,
+                backend = %backend.address,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                bytes_to_backend = sent,
+                bytes = received,
+                end = ?end,
+                "tcp session"
+            );
+        }
     }
 }
 
