@@ -505,6 +505,7 @@ fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     builder
         .http2()
+        .enable_connect_protocol() // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32);
     builder
@@ -580,9 +581,16 @@ fn serve_connection(
     proxy: Arc<HttpProxy>,
     (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
 ) {
-    stats.open.fetch_add(1, Ordering::Relaxed);
+    let slot = Arc::new(ConnectionSlot::new(permit, stats));
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |request| {
+    let held = slot.clone();
+    let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        // An upgraded connection outlives hyper's: its tunnel keeps the slot.
+        if crate::proxy::upgrade::is_upgrade(&request) {
+            request
+                .extensions_mut()
+                .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
+        }
         let proxy = proxy.clone();
         async move { proxy.handle(request, client).await }
     });
@@ -594,9 +602,32 @@ fn serve_connection(
         if let Err(error) = connection.await {
             tracing::debug!(%client, %error, "client connection ended with an error");
         }
-        drop(permit);
-        stats.open.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
     });
+}
+
+/// One client connection's place on its listener: its `max_connections` permit and its count
+/// in the open connections, both released when the last holder (the connection, or the tunnel
+/// of an upgraded connection) drops it.
+struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<ListenerStats>,
+}
+
+impl ConnectionSlot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, stats: Arc<ListenerStats>) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            _permit: permit,
+            stats,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Like [`serve_connection`], for listeners behind a front load balancer: first reads the
@@ -611,7 +642,7 @@ fn serve_connection_after_proxy_header(
     (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
     header_timeout: Duration,
 ) {
-    stats.open.fetch_add(1, Ordering::Relaxed);
+    let slot = Arc::new(ConnectionSlot::new(permit, stats));
     let builder = builder.clone();
     let watcher = graceful.watcher();
     tokio::spawn(async move {
@@ -619,7 +650,13 @@ fn serve_connection_after_proxy_header(
         if let Some(carried) = header {
             let client = carried.map_or(peer, |c| c.source);
             let _ = stream.set_nodelay(true);
-            let service = service_fn(move |request| {
+            let held = slot.clone();
+            let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                if crate::proxy::upgrade::is_upgrade(&request) {
+                    request
+                        .extensions_mut()
+                        .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
+                }
                 let proxy = proxy.clone();
                 async move { proxy.handle(request, client).await }
             });
@@ -628,7 +665,6 @@ fn serve_connection_after_proxy_header(
                 tracing::debug!(%client, %error, "client connection ended with an error");
             }
         }
-        drop(permit);
-        stats.open.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
     });
 }

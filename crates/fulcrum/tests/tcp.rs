@@ -43,7 +43,10 @@ async fn in_flight(lb: &Proc, addr: SocketAddr) -> u64 {
 #[tokio::test]
 async fn websocket_echo_passes_through_and_counts_in_flight() {
     let backend = backend("ws", 0);
-    let lb = balancer_with(&config("http", &[backend.addr], "", ""), 1);
+    let lb = balancer_with(
+        &config("http", &[backend.addr], "max_connections = 1", ""),
+        1,
+    );
     let stream = TcpStream::connect(lb.addr).await.unwrap();
     let (mut socket, response) =
         tokio_tungstenite::client_async(format!("ws://{}/ws", lb.addr), stream)
@@ -60,8 +63,22 @@ async fn websocket_echo_passes_through_and_counts_in_flight() {
     let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     socket.send(Message::binary(blob.clone())).await.unwrap();
     assert_eq!(socket.next().await.unwrap().unwrap(), Message::binary(blob));
-    // The open tunnel is one request in flight on the backend.
+    // The open tunnel is one request in flight on the backend, and still holds its client
+    // connection's place on the listener (max_connections = 1: another client is refused).
     assert_eq!(in_flight(&lb, backend.addr).await, 1);
+    let open = "listener=\"front\"";
+    assert_eq!(
+        metric(&lb, "fulcrum_client_connections_open", &[open]).await,
+        1.0
+    );
+    assert!(
+        client()
+            .get(format!("http://{}/", lb.addr))
+            .send()
+            .await
+            .is_err(),
+        "a second connection was served beside the open WebSocket"
+    );
     // Removing the backend drains it: it stays listed (draining) while the tunnel is open,
     // and the tunnel keeps working.
     let removed = client()
@@ -96,6 +113,70 @@ async fn websocket_echo_passes_through_and_counts_in_flight() {
         })
         .await,
         "backend still listed after its WebSocket closed"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(&lb, "fulcrum_client_connections_open", &[open]).await == 0.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_an_http1_backend() {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let backend = backend("ws2", 0);
+    let lb = balancer_with(&config("http", &[backend.addr], "", ""), 1);
+    let stream = TcpStream::connect(lb.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // A plain request first: its answer comes after the server's SETTINGS, which must have
+    // enabled extended CONNECT before the client may use it.
+    let get = http::Request::get(format!("http://{}/", lb.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(get).await.unwrap().status(), 200);
+    let mut connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}/ws", lb.addr))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = sender.send_request(connect).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "ws2");
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..3 {
+        let text = format!("over h2 {i}");
+        socket.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(socket.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    assert_eq!(in_flight(&lb, backend.addr).await, 1);
+    socket.close(None).await.unwrap();
+    while let Some(Ok(_)) = socket.next().await {}
+    drop(socket);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight(&lb, backend.addr).await == 0
+        })
+        .await,
+        "in-flight not released after the HTTP/2 WebSocket closed"
     );
 }
 
@@ -226,7 +307,12 @@ async fn tcp_mode_fails_over_from_a_dead_backend_and_counts_sessions() {
     let echo = backend_with("echo", &["--tcp-echo"]);
     let dead = dead_address();
     let lb = balancer_with(
-        &config("tcp", &[dead, echo.addr], "", "algorithm = \"round_robin\""),
+        &config(
+            "tcp",
+            &[dead, echo.addr],
+            "",
+            "algorithm = \"round_robin\"\n[server]\naccess_log = true",
+        ),
         1,
     );
     for i in 0..6 {
@@ -237,6 +323,14 @@ async fn tcp_mode_fails_over_from_a_dead_backend_and_counts_sessions() {
     assert!(
         backends[&dead.to_string()]["failures"].as_u64().unwrap() >= 1,
         "{backends:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            lb.logs().matches("tcp session").count() >= 6
+        })
+        .await,
+        "no access-log line per session: {}",
+        lb.logs()
     );
     // An open session counts as in flight on its backend.
     let mut open = TcpStream::connect(lb.addr).await.unwrap();
@@ -282,9 +376,33 @@ fn json_body(response: &str) -> serde_json::Value {
 #[tokio::test]
 async fn proxy_v2_to_backends_carries_the_real_client_address() {
     let backend = backend_with("pp", &["--proxy-protocol"]);
+    // HTTP health checks reach a backend that insists on a PROXY header: they send a LOCAL
+    // one. A backend added through the API starts down and comes up on its first passing
+    // check, so its coming up proves the checks pass.
     let lb = balancer_with(
-        &config("tcp", &[backend.addr], "", "proxy_protocol = \"v2\""),
+        &config(
+            "tcp",
+            &[dead_address()],
+            "",
+            "proxy_protocol = \"v2\"\n[pools.app.health]\nkind = \"http\"\ninterval = \"100ms\"",
+        ),
         1,
+    );
+    let added = client()
+        .post(format!("{}/api/pools/app/backends", lb.admin_url()))
+        .header("content-type", "application/json")
+        .body(format!("{{\"address\": \"{}\"}}", backend.addr))
+        .send()
+        .await
+        .unwrap();
+    assert!(added.status().is_success(), "{}", added.status());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app_backends(&lb).await[&backend.addr.to_string()]["health"] == "up"
+        })
+        .await,
+        "health checks with a PROXY LOCAL header failed: {}",
+        lb.logs()
     );
     let (local, response) = raw_get(lb.addr, b"", "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -320,6 +438,13 @@ async fn listener_accepts_proxy_protocol_from_a_front_balancer() {
             "{response}"
         );
     }
+    // A client that sends nothing is closed at header_read_timeout.
+    let mut silent = TcpStream::connect(lb.addr).await.unwrap();
+    let waited = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
     // No header (a plain request): closed without an answer, and logged.
     let (_, response) = raw_get(lb.addr, b"", "/").await;
     assert_eq!(
@@ -352,4 +477,99 @@ async fn tcp_listener_passes_the_front_client_address_on_to_backends() {
     let (_, response) = raw_get(lb.addr, &encode_v1(front, lb.addr).into_bytes(), "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(json_body(&response)["client"], front.to_string());
+}
+
+/// Opens a session through `addr` and checks it echoes (so it is established end to end).
+async fn open_session(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await.unwrap();
+    stream
+}
+
+/// Waits (bounded) for the peer to close `stream`; returns how long that took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 16];
+    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
+        Err(_) => panic!("session still open after {limit:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tcp_mode_honours_max_connections_idle_timeout_and_drain_timeout() {
+    let echo = backend_with("echo", &["--tcp-echo"]);
+    let lb = balancer_with(
+        &config(
+            "tcp",
+            &[echo.addr],
+            "max_connections = 1\nidle_timeout = \"1s\"",
+            "drain_timeout = \"1s\"",
+        ),
+        1,
+    );
+    // One session allowed: a second connection is closed at once.
+    let mut first = open_session(lb.addr).await;
+    let mut second = TcpStream::connect(lb.addr).await.unwrap();
+    closed_within(&mut second, Duration::from_secs(3)).await;
+    // The idle session is closed after about a second of silence.
+    let idle = closed_within(&mut first, Duration::from_secs(5)).await;
+    assert!(
+        idle >= Duration::from_millis(500),
+        "closed too early: {idle:?}"
+    );
+    // A session on a removed backend lasts until the drain timeout, then is closed.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight(&lb, echo.addr).await == 0
+        })
+        .await
+    );
+    let mut session = open_session(lb.addr).await;
+    let removed = client()
+        .delete(format!(
+            "{}/api/pools/app/backends/{}",
+            lb.admin_url(),
+            echo.addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 202);
+    // Keep it busy (so the idle timeout cannot be what closes it) until it is closed.
+    let removed_at = Instant::now();
+    let mut echoes = 0;
+    loop {
+        assert!(
+            removed_at.elapsed() < Duration::from_secs(5),
+            "session outlived the drain timeout"
+        );
+        if session.write_all(b"y").await.is_err() {
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match session.read(&mut byte).await {
+            Ok(1) => echoes += 1,
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lasted = removed_at.elapsed();
+    assert!(
+        echoes >= 3,
+        "a draining backend's session must keep working"
+    );
+    assert!(
+        lasted >= Duration::from_millis(900),
+        "closed before the drain timeout: {lasted:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app_backends(&lb).await.is_empty()
+        })
+        .await
+    );
 }

@@ -356,6 +356,12 @@ impl Config {
                     ),
                 ));
             }
+            if listener.idle_timeout.0.is_zero() {
+                return Err((
+                    listener.pool.span(),
+                    format!("listener `{name}`: idle_timeout must be longer than 0s"),
+                ));
+            }
             if listener.max_header_bytes < 8192 {
                 return Err((
                     listener.pool.span(),
@@ -551,6 +557,47 @@ request = "30s"
             message.contains("round_robin") && message.contains("least_conn"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn tcp_listener_and_proxy_protocol_keys_parse() {
+        let text = ISSUE_EXAMPLE
+            .replace(
+                "protocol = \"http\"",
+                "protocol = \"tcp\"\naccept_proxy_protocol = true\nidle_timeout = \"30s\"",
+            )
+            .replace(
+                "algorithm = \"round_robin\"",
+                "proxy_protocol = \"v2\"\nalgorithm = \"round_robin\"",
+            );
+        let config = parse(&text).unwrap();
+        let listener = &config.listeners["web"];
+        assert_eq!(listener.protocol, ListenerProtocol::Tcp);
+        assert!(listener.accept_proxy_protocol);
+        assert_eq!(listener.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(
+            config.pools["app"].proxy_protocol,
+            Some(ProxyProtocolVersion::V2)
+        );
+        let zero = text.replace("idle_timeout = \"30s\"", "idle_timeout = \"0s\"");
+        assert!(
+            error_at(&zero).2.contains("idle_timeout"),
+            "{}",
+            error_at(&zero).2
+        );
+        let bad = text.replace("\"v2\"", "\"v3\"");
+        assert!(error_at(&bad).2.contains("v3"), "{}", error_at(&bad).2);
+    }
+
+    #[test]
+    fn proxy_protocol_to_http_backends_is_refused_at_the_listener() {
+        let text = ISSUE_EXAMPLE.replace(
+            "algorithm = \"round_robin\"",
+            "proxy_protocol = \"v2\"\nalgorithm = \"round_robin\"",
+        );
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (8, 8), "{message}");
+        assert!(message.contains("only TCP listeners"), "{message}");
     }
 
     #[test]

@@ -9,10 +9,12 @@ use http::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
 use http::Request;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::HealthCheck;
-use crate::config::{HealthConfig, HealthKind, StatusRange};
+use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion, StatusRange};
+use crate::proxy::proxy_protocol::encode_local;
 
 /// Most of a health-check response body that is read to look for `expect_body`.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -55,6 +57,8 @@ pub struct ActiveCheck {
     expect_body: Option<String>,
     host: Option<String>,
     timeout: Duration,
+    /// The pool's backends expect a PROXY header first: checks send a LOCAL one.
+    proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl ActiveCheck {
@@ -71,11 +75,30 @@ impl ActiveCheck {
             expect_body: config.expect_body.clone(),
             host: config.host.clone(),
             timeout: config.timeout.0,
+            proxy_protocol: None,
         }
     }
 
+    /// Makes every check start with a PROXY protocol LOCAL header (for pools whose backends
+    /// expect a PROXY header on every connection), like HAProxy's `check-send-proxy`.
+    pub fn with_proxy_protocol(mut self, version: Option<ProxyProtocolVersion>) -> Self {
+        self.proxy_protocol = version;
+        self
+    }
+
+    async fn connect(&self, address: SocketAddr) -> Result<TcpStream, CheckError> {
+        let mut stream = TcpStream::connect(address).await.map_err(CheckError::Io)?;
+        if let Some(version) = self.proxy_protocol {
+            stream
+                .write_all(&encode_local(version))
+                .await
+                .map_err(CheckError::Io)?;
+        }
+        Ok(stream)
+    }
+
     async fn http(&self, address: SocketAddr) -> Result<(), CheckError> {
-        let stream = TcpStream::connect(address).await.map_err(CheckError::Io)?;
+        let stream = self.connect(address).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CheckError::Http(e.to_string()))?;
@@ -121,10 +144,7 @@ impl HealthCheck for ActiveCheck {
     async fn check(&self, address: SocketAddr) -> Result<(), CheckError> {
         let attempt = async {
             match self.kind {
-                HealthKind::Tcp => TcpStream::connect(address)
-                    .await
-                    .map(drop)
-                    .map_err(CheckError::Io),
+                HealthKind::Tcp => self.connect(address).await.map(drop),
                 HealthKind::Http => self.http(address).await,
             }
         };

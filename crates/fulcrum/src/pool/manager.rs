@@ -367,7 +367,7 @@ impl PoolManager {
             return;
         };
         let task = tokio::spawn(run_checks(
-            ActiveCheck::from_config(health),
+            ActiveCheck::from_config(health).with_proxy_protocol(self.settings.proxy_protocol),
             backend.clone(),
             self.pool.name.clone(),
             self.events.clone(),

@@ -34,7 +34,7 @@ pub struct HttpProxy {
     pub(crate) listener: String,
     pub(crate) pool: Arc<Pool>,
     events: Arc<EventLog>,
-    access_log: bool,
+    pub(crate) access_log: bool,
     /// Idle timeout of upgraded (WebSocket) connections.
     pub(crate) tunnel_idle_timeout: std::time::Duration,
 }

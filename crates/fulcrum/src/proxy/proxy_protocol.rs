@@ -71,6 +71,19 @@ pub fn encode(
     }
 }
 
+/// A header that carries no address: v2 command LOCAL, or v1 `PROXY UNKNOWN`. The proxy's
+/// own connections (health checks) send it; the receiver uses the connection's addresses.
+pub fn encode_local(version: ProxyProtocolVersion) -> Vec<u8> {
+    match version {
+        ProxyProtocolVersion::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocolVersion::V2 => {
+            let mut header = V2_SIGNATURE.to_vec();
+            header.extend_from_slice(&[0x20, 0x00, 0, 0]); // version 2, LOCAL, UNSPEC, no block
+            header
+        }
+    }
+}
+
 /// Both addresses in one family: IPv4 when both are IPv4, else both as IPv6 (IPv4-mapped).
 fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
     let v6 = |a: SocketAddr| match a.ip() {
@@ -312,9 +325,10 @@ mod tests {
 
     #[tokio::test]
     async fn local_and_unknown_carry_no_address() {
-        let mut local = V2_SIGNATURE.to_vec();
-        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        let local = encode_local(ProxyProtocolVersion::V2);
         assert!(read(&local).await.0.unwrap().is_none());
+        let unknown = encode_local(ProxyProtocolVersion::V1);
+        assert!(read(&unknown).await.0.unwrap().is_none());
         assert!(read(b"PROXY UNKNOWN\r\n").await.0.unwrap().is_none());
         assert!(read(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n")
             .await

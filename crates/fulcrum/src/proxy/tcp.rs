@@ -139,7 +139,11 @@ where
             COPY_BUFFER,
         );
         tokio::pin!(copy);
-        let mut ticks = tokio::time::interval(SESSION_TICK.min(idle_timeout));
+        // (A zero period would make `interval` panic; the config refuses 0 anyway.)
+        let tick = SESSION_TICK
+            .min(idle_timeout)
+            .max(Duration::from_millis(10));
+        let mut ticks = tokio::time::interval(tick);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_total = 0;
         let mut last_change = Instant::now();
@@ -260,6 +264,7 @@ impl TcpProxy {
 
     /// Serves one client connection to its end.
     async fn session(&self, mut stream: TcpStream, mut client: SocketAddr) {
+        let started = Instant::now();
         let mut local = match stream.local_addr() {
             Ok(local) => local,
             Err(_) => return,
@@ -304,6 +309,19 @@ impl TcpProxy {
         )
         .await;
         tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "TCP session ended");
+        if self.http.access_log {
+            tracing::info!(
+                target: "fulcrum::access",
+                listener = %self.http.listener,
+                %client,
+                backend = %backend.address,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                bytes_to_backend = sent,
+                bytes = received,
+                end = ?end,
+                "tcp session"
+            );
+        }
     }
 }
 

@@ -4,19 +4,24 @@
 //! byte. The tunnel holds the backend's in-flight slot for its whole life, so balancing sees
 //! it and a drain waits for it (up to the pool's drain timeout).
 //!
-//! Extended CONNECT over HTTP/2 (RFC 8441) is not supported: HTTP/2 clients fall back to
-//! HTTP/1.1 for WebSockets.
+//! WebSockets over HTTP/2 (extended CONNECT, RFC 8441) are translated: the client's
+//! `CONNECT` with `:protocol = websocket` becomes an HTTP/1.1 `GET` with `Upgrade: websocket`
+//! (and a fresh `Sec-WebSocket-Key`) to the backend, whose `101` becomes a `200` on the
+//! client's stream; the HTTP/2 stream and the backend connection are then relayed.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_balance::PickContext;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
+use hyper::ext::Protocol;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
 use crate::pool::{Backend, PoolSnapshot};
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
@@ -27,9 +32,23 @@ use crate::proxy::tcp::relay;
 /// Most backends one upgrade request is tried on (connect failures).
 const MAX_ATTEMPTS_CAP: usize = 8;
 
+/// The client connection's place on its listener (connection limit, open count), put in an
+/// upgrade request's extensions by the server so the tunnel holds it for its whole life.
+#[derive(Clone)]
+pub struct ClientSlot(pub Arc<dyn std::any::Any + Send + Sync>);
+
 /// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an
 /// `Upgrade` header).
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    is_extended_connect(request) || is_http11_upgrade(request)
+}
+
+/// Whether `request` is an HTTP/2 extended CONNECT (RFC 8441), e.g. a WebSocket over HTTP/2.
+fn is_extended_connect<B>(request: &Request<B>) -> bool {
+    request.method() == Method::CONNECT && request.extensions().get::<Protocol>().is_some()
+}
+
+fn is_http11_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
         && request
@@ -74,7 +93,39 @@ impl HttpProxy {
         idle_timeout: Duration,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut request);
-        let upgrade = request.headers().get(header::UPGRADE).cloned();
+        let slot = request.extensions_mut().remove::<ClientSlot>();
+        let extended = is_extended_connect(&request);
+        let upgrade = if extended {
+            // RFC 8441 → RFC 6455: the backend gets the HTTP/1.1 form of the same request.
+            let protocol = request
+                .extensions_mut()
+                .remove::<Protocol>()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            *request.method_mut() = Method::GET;
+            let headers = request.headers_mut();
+            if protocol.eq_ignore_ascii_case("websocket") {
+                if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+                    if let Ok(key) = HeaderValue::from_str(&generate_key()) {
+                        headers.insert(header::SEC_WEBSOCKET_KEY, key);
+                    }
+                }
+                headers
+                    .entry(header::SEC_WEBSOCKET_VERSION)
+                    .or_insert(HeaderValue::from_static("13"));
+            }
+            match HeaderValue::from_str(&protocol) {
+                Ok(value) => Some(value),
+                Err(_) => {
+                    return local_response(
+                        StatusCode::BAD_REQUEST,
+                        "400 bad request: bad :protocol",
+                    )
+                }
+            }
+        } else {
+            request.headers().get(header::UPGRADE).cloned()
+        };
         let mut request = match prepare_request(request, client) {
             Ok(request) => request,
             Err(message) => return local_response(StatusCode::BAD_REQUEST, message),
@@ -161,10 +212,21 @@ impl HttpProxy {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let (mut parts, _) = response.into_parts();
             parts.extensions = http::Extensions::new();
+            if extended {
+                // HTTP/2 has no 101 and no connection-level headers: a 200 opens the tunnel.
+                parts.status = StatusCode::OK;
+                for name in [
+                    header::CONNECTION,
+                    header::UPGRADE,
+                    header::SEC_WEBSOCKET_ACCEPT,
+                ] {
+                    parts.headers.remove(name);
+                }
+            }
             let backend = backend.clone();
             let pool = pool.clone();
             tokio::spawn(async move {
-                let _guard = guard;
+                let _held = (guard, slot);
                 let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade)
                 {
                     (Ok(c), Ok(u)) => (c, u),
@@ -220,5 +282,13 @@ mod tests {
         )));
         assert!(!is_upgrade(&request("keep-alive", Version::HTTP_11)));
         assert!(!is_upgrade(&request("upgrade", Version::HTTP_2)));
+        let mut connect = Request::new(());
+        *connect.method_mut() = Method::CONNECT;
+        *connect.version_mut() = Version::HTTP_2;
+        assert!(!is_upgrade(&connect), "plain CONNECT is not an upgrade");
+        connect
+            .extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        assert!(is_upgrade(&connect), "extended CONNECT");
     }
 }
