@@ -102,6 +102,8 @@ pub enum CtlCommand {
     },
     /// Reload the configuration file (same as SIGHUP).
     Reload,
+    /// Show the autoscalers: size, wanted size, smoothed load, managed backends, decisions.
+    Autoscale,
     /// Show recent membership, health and reload events.
     Events {
         /// How many events (most recent last).
@@ -267,6 +269,14 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
                 pretty(&answer)
             } else {
                 reload_summary(&answer)
+            })
+        }
+        CtlCommand::Autoscale => {
+            let autoscalers = client.call(Method::GET, "/api/autoscale", None).await?;
+            Ok(if json {
+                pretty(&autoscalers)
+            } else {
+                autoscale_table(&autoscalers)
             })
         }
         CtlCommand::Events { limit } => {
@@ -629,6 +639,61 @@ fn events_table(events: &Value) -> String {
     table(
         &["TIME", "KIND", "POOL", "BACKEND", "MESSAGE"],
         &[false; 5],
+        &rows,
+    )
+}
+
+fn autoscale_table(autoscalers: &Value) -> String {
+    let rows: Vec<Vec<String>> = autoscalers
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|a| {
+            let managed: Vec<String> = a["managed"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .map(|m| text(&m["address"]))
+                .collect();
+            vec![
+                text(&a["pool"]),
+                text(&a["metric"]),
+                format!(
+                    "{:.2}/{}",
+                    a["load_per_backend"].as_f64().unwrap_or(0.0),
+                    text(&a["target"])
+                ),
+                number(&a["backends"]).to_string(),
+                number(&a["desired"]).to_string(),
+                format!("{}..{}", number(&a["min"]), number(&a["max"])),
+                format!("{}/{}", number(&a["scale_ups"]), number(&a["scale_downs"])),
+                number(&a["failures"]).to_string(),
+                if managed.is_empty() {
+                    "-".to_string()
+                } else {
+                    managed.join(",")
+                },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no pool has autoscaling\n".to_string();
+    }
+    table(
+        &[
+            "POOL",
+            "METRIC",
+            "LOAD/TARGET",
+            "BACKENDS",
+            "WANTED",
+            "MIN..MAX",
+            "UP/DOWN",
+            "FAILURES",
+            "MANAGED",
+        ],
+        &[false, false, true, true, true, true, true, true, false],
         &rows,
     )
 }

@@ -247,3 +247,35 @@ async fn command_provider_runs_the_platform_commands() {
     );
     assert!(app_backends(&lb).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_shows_the_autoscaler() {
+    let config = process_pool(
+        "min = 1\nmax = 3\nmetric = \"inflight_per_backend\"\ntarget = 4\nscale_up_after = \"10s\"",
+    );
+    let lb = balancer_with(&config, 1);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            status(&lb).await["backends"] == 1
+        })
+        .await
+    );
+    let output = std::process::Command::new(fulcrum_bin())
+        .args(["ctl", "--admin", &lb.admin_url(), "autoscale"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("POOL"), "{stdout}");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[0], "app", "{stdout}");
+    assert_eq!(row[1], "inflight_per_backend", "{stdout}");
+    assert_eq!(row[3], "1", "{stdout}");
+    assert_eq!(row[5], "1..3", "{stdout}");
+    let managed = status(&lb).await["managed"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(row[8], managed, "{stdout}");
+}
