@@ -3,11 +3,14 @@
 //! Every path answers 200 with `X-Backend: NAME` and a small JSON body (name, method, path,
 //! received header count, and the length and FNV-1a hash of the request body it read).
 //! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`].
+//! `/grpc-echo` streams the request body back frame by frame as it arrives and ends with
+//! `grpc-status: 0` trailers (a gRPC-style bidirectional stream).
 //! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
 //! `echo=headers` adds the received headers to the JSON body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,9 +18,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -38,6 +42,8 @@ pub struct BackendOptions {
     pub name: Option<String>,
     /// Delay before every answer (except `/healthz`).
     pub delay: Duration,
+    /// Serve HTTPS (ALPN h2 and http/1.1) with this PEM certificate chain and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// The byte at `offset` of the `/bytes/N` stream: a simple pattern a client can recompute.
@@ -68,6 +74,27 @@ impl Fnv1a {
 
 /// Binds `listen` and serves the demo backend in a background task. Returns the bound address.
 pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Result<SocketAddr> {
+    let tls = match &options.tls {
+        Some((cert, key)) => {
+            let config = crate::config::ListenerTlsConfig {
+                certs: vec![toml::Spanned::new(
+                    0..0,
+                    crate::config::CertConfig {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        default: true,
+                    },
+                )],
+                handshake_timeout: crate::config::ConfigDuration(Duration::from_secs(10)),
+            };
+            let store = crate::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
+            Some(
+                crate::tls::TlsListener::new("backend", &config, store)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("backend cannot listen on {listen}"))?;
@@ -77,7 +104,7 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
         name: HeaderValue::from_str(&name).context("backend name must be a valid header value")?,
         delay: options.delay,
     });
-    tokio::spawn(accept_loop(listener, state));
+    tokio::spawn(accept_loop(listener, state, tls));
     Ok(address)
 }
 
@@ -86,7 +113,11 @@ struct BackendServer {
     delay: Duration,
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<BackendServer>,
+    tls: Option<Arc<crate::tls::TlsListener>>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = match listener.accept().await {
@@ -103,6 +134,17 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
             let state = state.clone();
             async move { state.answer(request).await }
         });
+        if let Some(tls) = tls.clone() {
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                if let Ok(stream) = tls.accept(stream).await {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            });
+            continue;
+        }
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -115,7 +157,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
 /// A response body: either fixed bytes or the `/bytes/N` pattern stream.
 enum BackendBody {
     Full(Option<Bytes>),
-    Pattern { sent: u64, total: u64 },
+    Pattern {
+        sent: u64,
+        total: u64,
+    },
+    /// Frames produced by a task (`/grpc-echo`).
+    Stream(Channel<Bytes>),
 }
 
 impl Body for BackendBody {
@@ -124,9 +171,10 @@ impl Body for BackendBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
+            BackendBody::Stream(channel) => Pin::new(channel).poll_frame(cx),
             BackendBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             BackendBody::Pattern { sent, total } => {
                 if *sent >= *total {
@@ -146,6 +194,7 @@ impl Body for BackendBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             BackendBody::Pattern { sent, total } => SizeHint::with_exact(total - sent),
+            BackendBody::Stream(channel) => channel.size_hint(),
         }
     }
 }
@@ -159,6 +208,29 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 impl BackendServer {
+    /// Streams the request body back as it arrives, then `grpc-status: 0` trailers.
+    fn grpc_echo(&self, mut body: Incoming) -> Response<BackendBody> {
+        let (mut sender, channel) = Channel::new(16);
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    if sender.send_data(data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert("grpc-message", HeaderValue::from_static("echoed"));
+            let _ = sender.send_trailers(trailers).await;
+        });
+        let mut response = Response::new(BackendBody::Stream(channel));
+        let headers = response.headers_mut();
+        headers.insert(X_BACKEND.clone(), self.name.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    }
+
     async fn answer(
         &self,
         request: Request<Incoming>,
@@ -166,6 +238,9 @@ impl BackendServer {
         let (parts, mut body) = request.into_parts();
         let path = parts.uri.path().to_string();
         let query = parts.uri.query();
+        if path == "/grpc-echo" {
+            return Ok(self.grpc_echo(body));
+        }
         let mut response = if path == "/healthz" {
             Response::new(BackendBody::Full(Some(Bytes::from_static(b"ok\n"))))
         } else {

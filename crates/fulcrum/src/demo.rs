@@ -16,6 +16,7 @@ pub async fn start_demo_backends(listen: SocketAddr, count: usize) -> Result<Con
         let options = BackendOptions {
             name: Some(format!("demo-{i}")),
             delay: std::time::Duration::ZERO,
+            tls: None,
         };
         let address = spawn_backend(SocketAddr::from(([127, 0, 0, 1], 0)), options).await?;
         println!("started demo backend demo-{i} on http://{address}");

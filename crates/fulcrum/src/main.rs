@@ -65,6 +65,12 @@ enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Serve HTTPS (ALPN h2 and http/1.1) with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -120,16 +126,24 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             name,
             delay_ms,
             workers,
+            tls_cert,
+            tls_key,
         } => {
             init_logging(cli_format.unwrap_or_default());
             runtime(workers.max(1))?.block_on(async move {
                 let options = BackendOptions {
                     name: name.clone(),
                     delay: Duration::from_millis(delay_ms),
+                    tls: tls_cert.zip(tls_key),
+                };
+                let scheme = if options.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
                 };
                 let address = spawn_backend(listen, options).await?;
                 println!(
-                    "listening backend http://{address} name={}",
+                    "listening backend {scheme}://{address} name={}",
                     name.unwrap_or_else(|| address.to_string())
                 );
                 wait_for_signal().await;
@@ -165,8 +179,11 @@ async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
     .await?;
     for listener in server.listeners().await {
         println!(
-            "listening {} http://{} pool={}",
-            listener.name, listener.address, listener.pool
+            "listening {} {}://{} pool={}",
+            listener.name,
+            if listener.tls { "https" } else { "http" },
+            listener.address,
+            listener.pool
         );
     }
     println!("listening admin http://{admin_address}");

@@ -18,10 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
+use crate::tls::{CertStore, TlsListener};
 
 /// Pending connections the kernel queues per listener before accept.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -35,6 +36,8 @@ pub struct BoundListener {
     pub address: SocketAddr,
     /// The pool it serves.
     pub pool: String,
+    /// Whether it terminates TLS (`https`).
+    pub tls: bool,
 }
 
 /// A listener's accept task and the switch that stops it.
@@ -44,6 +47,8 @@ struct ListenerTask {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     stats: Arc<ListenerStats>,
+    /// TLS termination, for `https` listeners.
+    tls: Option<Arc<TlsListener>>,
 }
 
 /// Counters of one listener's client connections.
@@ -202,7 +207,15 @@ impl Server {
         };
         // Bind every new or changed listener first: if one fails, nothing changes.
         let mut to_start = Vec::new();
+        // Certificates are (re)loaded now too, so a bad file refuses the whole reload.
+        let mut certs = BTreeMap::new();
         for (name, listener) in &config.listeners {
+            if let (ListenerProtocol::Https, Some(tls)) = (&listener.protocol, &listener.tls) {
+                let store = CertStore::load(tls)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("listener `{name}`"))?;
+                certs.insert(name.clone(), store);
+            }
             let unchanged = running
                 .listeners
                 .get(name)
@@ -264,12 +277,23 @@ impl Server {
                         listener_config.pool.get_ref()
                     )
                 })?;
+            let tls = match (certs.remove(&name), &listener_config.tls) {
+                (Some(store), Some(tls)) => Some(
+                    TlsListener::new(&name, tls, store)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("listener `{name}`"))?,
+                ),
+                _ => None,
+            };
+            let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
+                .with_tls(tls.is_some());
             let task = start_listener(
                 &name,
                 listener_config,
                 socket,
-                HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log),
+                proxy,
                 self.shutdown_timeout,
+                tls,
             )?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
             if let Some(old) = running.listeners.insert(name.clone(), task) {
@@ -290,6 +314,12 @@ impl Server {
                 tracing::info!(listener = %name, "listener removed by reload; draining its connections");
                 old.close();
                 report.listeners_removed.push(name);
+            }
+        }
+        // Listeners kept as they were serve their freshly loaded certificates from now on.
+        for (name, store) in certs {
+            if let Some(tls) = running.listeners.get(&name).and_then(|l| l.tls.as_ref()) {
+                tls.install(store);
             }
         }
         running.config = config;
@@ -340,15 +370,20 @@ fn start_listener(
     socket: TcpListener,
     proxy: HttpProxy,
     shutdown_timeout: Duration,
+    tls: Option<Arc<TlsListener>>,
 ) -> Result<ListenerTask> {
     let address = socket.local_addr()?;
     let bound = BoundListener {
         name: name.to_string(),
         address,
         pool: config.pool.get_ref().clone(),
+        tls: tls.is_some(),
     };
     let (stop, stopped) = watch::channel(false);
     let stats = Arc::new(ListenerStats::default());
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch_files(stopped.clone()));
+    }
     let task = tokio::spawn(serve_http(
         socket,
         Arc::new(proxy),
@@ -356,6 +391,7 @@ fn start_listener(
         stopped,
         shutdown_timeout,
         stats.clone(),
+        tls.clone(),
     ));
     Ok(ListenerTask {
         config,
@@ -363,6 +399,7 @@ fn start_listener(
         stop,
         task,
         stats,
+        tls,
     })
 }
 
@@ -409,8 +446,9 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
     shutdown_timeout: Duration,
     stats: Arc<ListenerStats>,
+    tls: Option<Arc<TlsListener>>,
 ) {
-    let builder = http_builder(&config);
+    let builder = Arc::new(http_builder(&config));
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
@@ -433,6 +471,18 @@ async fn serve_http(
             continue;
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(tls) = &tls {
+            crate::tls::serve_tls_connection(
+                tls.clone(),
+                builder.clone(),
+                graceful.watcher(),
+                stream,
+                client,
+                proxy.clone(),
+                (permit, stats.clone()),
+            );
+            continue;
+        }
         serve_connection(
             &builder,
             &graceful,

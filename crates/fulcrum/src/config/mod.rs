@@ -2,6 +2,7 @@
 //! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
 
 mod health;
+mod tls;
 mod types;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use toml::Spanned;
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
+pub use tls::{CertConfig, ListenerTlsConfig, UpstreamProtocol};
 pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, ListenAddr};
 
 /// A whole Fulcrum configuration file.
@@ -98,6 +100,8 @@ impl Default for AdminConfig {
 pub enum ListenerProtocol {
     /// HTTP/1.1 (and HTTP/2 with prior knowledge) in clear text.
     Http,
+    /// HTTP/1.1 and HTTP/2 (chosen by ALPN) over TLS; needs a `tls` table.
+    Https,
 }
 
 /// `[listeners.NAME]`: one client-facing socket.
@@ -120,6 +124,9 @@ pub struct ListenerConfig {
     /// Largest request head accepted; larger gets 431. At least 8 KiB.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Certificates of an `https` listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 fn default_protocol() -> ListenerProtocol {
@@ -180,6 +187,26 @@ pub struct PoolConfig {
     /// DNS servers for HOST:PORT backends ("IP:PORT"); the system's resolv.conf when empty.
     #[serde(default)]
     pub dns_servers: Vec<ListenAddr>,
+    /// HTTP version spoken to the backends: "http1" (default) or "h2".
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Connect to the backends with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the CA certificates that sign the backends' certificates (with `tls`);
+    /// the webpki (Mozilla) roots when absent.
+    #[serde(default)]
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Server name sent (SNI) and verified; the backend's address when absent.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Verify the backends' certificates (default true). False accepts any certificate.
+    #[serde(default = "default_verify")]
+    pub verify: bool,
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 fn default_resolve_every() -> ConfigDuration {
@@ -273,12 +300,89 @@ impl Config {
                 message,
             }
         };
-        let config: Config =
+        let mut config: Config =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
+        config.resolve_paths(file.parent());
         config
             .validate()
+            .and_then(|()| config.validate_tls())
             .map_err(|(span, message)| at(Some(span), message))?;
         Ok(config)
+    }
+
+    /// Makes the certificate, key and CA paths relative to the config file's directory.
+    fn resolve_paths(&mut self, base: Option<&Path>) {
+        for listener in self.listeners.values_mut() {
+            for cert in listener.tls.iter_mut().flat_map(|t| t.certs.iter_mut()) {
+                let cert = cert.get_mut();
+                tls::resolve(base, &mut cert.cert);
+                tls::resolve(base, &mut cert.key);
+            }
+        }
+        for pool in self.pools.values_mut() {
+            if let Some(ca) = pool.ca.as_mut() {
+                tls::resolve(base, ca.get_mut());
+            }
+        }
+    }
+
+    /// Checks TLS settings: an `https` listener has certificates that load (files readable,
+    /// key matching the certificate), a pool's CA file loads and its `sni` is a valid name.
+    fn validate_tls(&self) -> Result<(), (Range<usize>, String)> {
+        for (name, listener) in &self.listeners {
+            match (&listener.protocol, &listener.tls) {
+                (ListenerProtocol::Https, None) => {
+                    return Err((
+                        listener.pool.span(),
+                        format!("listener `{name}` has protocol \"https\" but no [listeners.{name}.tls] table with certs"),
+                    ))
+                }
+                (ListenerProtocol::Https, Some(tls)) => {
+                    if tls.certs.is_empty() {
+                        return Err((
+                            listener.pool.span(),
+                            format!("listener `{name}`: tls.certs is empty; add [[listeners.{name}.tls.certs]] with cert and key"),
+                        ));
+                    }
+                    if tls.certs.iter().filter(|c| c.get_ref().default).count() > 1 {
+                        return Err((
+                            listener.pool.span(),
+                            format!("listener `{name}`: more than one certificate has default = true"),
+                        ));
+                    }
+                    for cert in &tls.certs {
+                        let c = cert.get_ref();
+                        crate::tls::load_certified_key(&c.cert, &c.key)
+                            .map_err(|e| (cert.span(), format!("listener `{name}`: {e}")))?;
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err((
+                        listener.pool.span(),
+                        format!("listener `{name}` has a tls table but its protocol is not \"https\""),
+                    ))
+                }
+                (_, None) => {}
+            }
+        }
+        for (name, pool) in &self.pools {
+            if let Some(ca) = &pool.ca {
+                if !pool.tls {
+                    return Err((ca.span(), format!("pool `{name}`: `ca` needs `tls = true`")));
+                }
+                crate::tls::load_roots(ca.get_ref())
+                    .map_err(|e| (ca.span(), format!("pool `{name}`: {e}")))?;
+            }
+            if let Some(sni) = &pool.sni {
+                if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                    return Err((
+                        pool.backends.span(),
+                        format!("pool `{name}`: sni {sni:?} is not a valid DNS name or IP address"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the rules serde cannot express. Returns the offending span and a message.

@@ -34,6 +34,8 @@ pub struct HttpProxy {
     pool: Arc<Pool>,
     events: Arc<EventLog>,
     access_log: bool,
+    /// `X-Forwarded-Proto`: "https" on TLS listeners.
+    scheme: &'static str,
 }
 
 thread_local! {
@@ -68,7 +70,14 @@ impl HttpProxy {
             pool,
             events,
             access_log,
+            scheme: "http",
         }
+    }
+
+    /// Marks the listener as TLS-terminating (`X-Forwarded-Proto: https`).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.scheme = if tls { "https" } else { "http" };
+        self
     }
 
     /// Records a failed exchange with `backend`: failure counter, connect back-off (when
@@ -105,7 +114,7 @@ impl HttpProxy {
         let mut access = self
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
-        let mut response = match prepare_request(request, client) {
+        let mut response = match prepare_request(request, client, self.scheme) {
             Ok(request) => self.forward(request).await,
             Err(message) => local_response(StatusCode::BAD_REQUEST, message),
         };
@@ -347,6 +356,7 @@ impl ReplayableHead {
 fn prepare_request(
     mut request: Request<Incoming>,
     client: SocketAddr,
+    scheme: &'static str,
 ) -> Result<Request<Incoming>, &'static str> {
     let host = match request.headers().get(header::HOST) {
         Some(host) => Some(host.clone()),
@@ -365,13 +375,23 @@ fn prepare_request(
             Uri::try_from(path).map_err(|_| "400 bad request: invalid request target")?;
     }
     let headers = request.headers_mut();
+    // `TE: trailers` says the client accepts trailers; gRPC needs it to reach the backend.
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     remove_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(host) = &host {
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, host.clone());
         }
     }
-    add_forwarded(headers, client.ip(), "http", host);
+    add_forwarded(headers, client.ip(), scheme, host);
     *request.version_mut() = Version::HTTP_11;
     Ok(request)
 }

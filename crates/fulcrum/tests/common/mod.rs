@@ -145,7 +145,10 @@ fn spawn(
             let name = words.next().unwrap_or_default().to_string();
             let addr: SocketAddr = words
                 .next()
-                .and_then(|u| u.strip_prefix("http://"))
+                .and_then(|u| {
+                    u.strip_prefix("http://")
+                        .or_else(|| u.strip_prefix("https://"))
+                })
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("bad readiness line {line:?}"));
             first.get_or_insert(addr);
@@ -183,6 +186,27 @@ pub fn backend(name: &str, delay_ms: u64) -> Proc {
             name,
             "--delay-ms",
             &delay_ms.to_string(),
+        ],
+        1,
+        None,
+        &std::env::temp_dir(),
+    )
+}
+
+/// Starts a demo backend named `name` serving HTTPS (h2 and http/1.1 by ALPN) with the PEM
+/// certificate and key files given.
+pub fn tls_backend(name: &str, cert: &Path, key: &Path) -> Proc {
+    spawn(
+        &[
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
         ],
         1,
         None,
@@ -268,8 +292,14 @@ pub fn dead_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// Makes `ring` the process's rustls provider (reqwest is built without one of its own).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An HTTP client that never uses a proxy, with a bounded per-request time.
 pub fn client() -> reqwest::Client {
+    install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(20))
