@@ -1,7 +1,7 @@
 //! `fulcrum backend`: the demo backend server used by the demo, the tests and the benchmarks.
 //!
 //! Every path answers 200 with `X-Backend: NAME` and a small JSON body (name, method, path,
-//! received header count, and the length and FNV-1a hash of the request body it read).
+//! HTTP version, received header count, and the length and FNV-1a hash of the request body it read).
 //! Special paths: `/healthz` answers `ok`; `/bytes/N` streams N bytes of [`pattern_byte`].
 //! `/grpc-echo` streams the request body back frame by frame as it arrives and ends with
 //! `grpc-status: 0` trailers (a gRPC-style bidirectional stream).
@@ -274,6 +274,7 @@ impl BackendServer {
                 let mut json = serde_json::json!({
                     "name": self.name.to_str().unwrap_or(""),
                     "method": parts.method.as_str(),
+                    "version": format!("{:?}", parts.version),
                     "path": path,
                     "headers": parts.headers.len(),
                     "body_bytes": received,

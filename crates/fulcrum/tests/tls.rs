@@ -350,3 +350,200 @@ fn check_names_a_missing_or_bad_certificate_file() {
     assert_eq!(code, 1);
     assert!(stderr.contains("not \"https\""), "{stderr}");
 }
+
+/// GETs `url` and returns the backend's JSON answer (status must be 200).
+async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+}
+
+fn plain_listener() -> String {
+    "[listeners.web]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n".to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verifies_with_the_pool_ca_and_speaks_h1_or_h2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["backend.test"]).write(dir.path(), "backend");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let backend = tls_backend("secure", &cert, &key);
+    let ca_line = format!(
+        "tls = true\nca = \"{}\"\nsni = \"backend.test\"",
+        ca_path.display()
+    );
+    for (extra, version) in [
+        (ca_line.clone(), "HTTP/1.1"),
+        (format!("{ca_line}\nprotocol = \"h2\""), "HTTP/2.0"),
+        // No CA: the test CA is not trusted, but verify = false accepts any certificate.
+        (
+            "tls = true\nverify = false\nprotocol = \"h2\"".to_string(),
+            "HTTP/2.0",
+        ),
+    ] {
+        let lb = balancer_with(&config(&plain_listener(), &[backend.addr], &extra), 1);
+        let body = get_json(&client(), &format!("http://{}/", lb.addr)).await;
+        assert_eq!(body["name"], "secure", "{extra}");
+        assert_eq!(body["version"], version, "{extra}");
+    }
+    // Verification on, without the CA: the backend is not trusted, the client gets an error.
+    let lb = balancer_with(
+        &config(
+            &plain_listener(),
+            &[backend.addr],
+            "tls = true\nsni = \"backend.test\"\nmax_attempts = 1",
+        ),
+        1,
+    );
+    let response = client()
+        .get(format!("http://{}/", lb.addr))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_server_error(), "{}", response.status());
+    let logged = eventually(Duration::from_secs(5), || async {
+        lb.logs().contains("TLS handshake failed")
+    })
+    .await;
+    assert!(logged, "{}", lb.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_multiplexes_requests_on_one_connection() {
+    let backend = backend("one", 0);
+    let lb = balancer_with(
+        &config(&plain_listener(), &[backend.addr], "protocol = \"h2\""),
+        1,
+    );
+    let url = format!("http://{}/?delay_ms=200", lb.addr);
+    let client = client();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move { get_json(&client, &url).await });
+    }
+    while let Some(body) = tasks.join_next().await {
+        assert_eq!(body.unwrap()["version"], "HTTP/2.0");
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    let metrics = client_metrics(&lb).await;
+    let opened = metrics
+        .lines()
+        .find(|l| l.starts_with("fulcrum_upstream_connections_opened_total{"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        opened.ends_with(" 1"),
+        "expected one backend connection: {opened}"
+    );
+}
+
+/// A gRPC-style bidirectional stream over an HTTP/2 connection `sender` to `uri`: each
+/// message is echoed before the next is sent, then the trailers arrive.
+async fn grpc_echo_roundtrip(
+    mut sender: hyper::client::conn::http2::SendRequest<
+        http_body_util::channel::Channel<bytes::Bytes>,
+    >,
+    uri: &str,
+) {
+    use http_body_util::BodyExt;
+    let (mut body_tx, body) = http_body_util::channel::Channel::new(4);
+    let request = http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("response head in time")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let mut body = response.into_body();
+    for i in 0..5 {
+        let message = bytes::Bytes::from(format!("message {i}"));
+        body_tx.send_data(message.clone()).await.unwrap();
+        // The echo arrives while the request is still open: streaming in both directions.
+        let mut echoed = Vec::new();
+        while echoed.len() < message.len() {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("echo in time")
+                .expect("a frame")
+                .unwrap();
+            echoed.extend_from_slice(&frame.into_data().expect("data before trailers"));
+        }
+        assert_eq!(echoed, message);
+    }
+    drop(body_tx);
+    let mut trailers = None;
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("end in time")
+    {
+        if let Ok(t) = frame.unwrap().into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    let trailers = trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "echoed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_stream_with_trailers_passes_through_h2c_and_tls() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // Clear text: h2c prior knowledge to Fulcrum, h2c to the backend.
+    let backend = backend("grpc", 0);
+    let lb = balancer_with(
+        &config(&plain_listener(), &[backend.addr], "protocol = \"h2\""),
+        1,
+    );
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    grpc_echo_roundtrip(sender, &format!("http://{}/grpc-echo", lb.addr)).await;
+
+    // TLS on both sides: ALPN h2 from the client, TLS + h2 to the backend.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (front_cert, front_key) = ca.leaf(&["grpc.test"]).write(dir.path(), "front");
+    let (back_cert, back_key) = ca.leaf(&["backend.test"]).write(dir.path(), "back");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let tls_backend = tls_backend("grpc-tls", &back_cert, &back_key);
+    let lb = balancer_with(
+        &config(
+            &https_listener(&[(&front_cert, &front_key, false)]),
+            &[tls_backend.addr],
+            &format!(
+                "protocol = \"h2\"\ntls = true\nca = \"{}\"\nsni = \"backend.test\"",
+                ca_path.display()
+            ),
+        ),
+        1,
+    );
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(trusting(&ca.pem())));
+    let tls = connector
+        .connect("grpc.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    grpc_echo_roundtrip(
+        sender,
+        &format!("https://grpc.test:{}/grpc-echo", lb.addr.port()),
+    )
+    .await;
+}

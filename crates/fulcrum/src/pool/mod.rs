@@ -18,6 +18,7 @@ pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
 use crate::config::PoolConfig;
 use crate::metrics::histogram::LatencyHistogram;
+use crate::proxy::upstream::UpstreamTransport;
 
 /// The statuses Fulcrum answers with itself when a backend cannot.
 const LOCAL_ERROR_STATUSES: [u16; 3] = [502, 503, 504];
@@ -47,6 +48,8 @@ pub struct PoolSettings {
     pub retry_percent: u32,
     /// Retries always allowed per second.
     pub retry_min_per_second: u32,
+    /// How backends are connected to: HTTP/1.1 or HTTP/2, TLS or not.
+    pub transport: Arc<UpstreamTransport>,
 }
 
 impl PoolSettings {
@@ -69,6 +72,7 @@ impl PoolSettings {
             panic_mode: config.panic_mode,
             retry_percent: config.retry_budget.percent,
             retry_min_per_second: config.retry_budget.min_per_second,
+            transport: Arc::new(UpstreamTransport::from_config(config)),
         }
     }
 }

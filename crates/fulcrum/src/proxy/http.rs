@@ -165,11 +165,7 @@ impl HttpProxy {
             };
             tried[attempt] = index;
             let backend = &snapshot.backends[index];
-            let connection = match backend
-                .connections
-                .acquire(settings.connect_timeout, settings.idle_timeout)
-                .await
-            {
+            let connection = match backend.connections.acquire(settings).await {
                 Ok(connection) => connection,
                 Err(error) => {
                     self.note_failure(snapshot, backend, true);
@@ -217,14 +213,7 @@ impl HttpProxy {
         let start = bounded(next_random(), snapshot.backends.len());
         for step in 0..snapshot.backends.len().min(MAX_ATTEMPTS_CAP) {
             let backend = &snapshot.backends[(start + step) % snapshot.backends.len()];
-            let Ok(connection) = backend
-                .connections
-                .acquire(
-                    snapshot.settings.connect_timeout,
-                    snapshot.settings.idle_timeout,
-                )
-                .await
-            else {
+            let Ok(connection) = backend.connections.acquire(&snapshot.settings).await else {
                 continue;
             };
             match self.exchange(snapshot, backend, connection, request).await {
@@ -300,7 +289,7 @@ impl HttpProxy {
             }
             // A keep-alive connection the backend had just closed: once more on a fresh one.
             tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
-            match backend.connections.connect(settings.connect_timeout).await {
+            match backend.connections.connect(settings).await {
                 Ok(fresh) => {
                     connection = fresh;
                     request = unsent;
