@@ -83,7 +83,6 @@ fn trusting(ca_pem: &str) -> rustls::ClientConfig {
 
 /// An HTTPS client trusting `ca_pem`, with `names` resolved to `addr`, reporting TLS info.
 fn https_client(ca_pem: &str, names: &[&str], addr: SocketAddr) -> reqwest::Client {
-    install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(20))
