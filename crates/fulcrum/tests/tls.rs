@@ -382,7 +382,16 @@ async fn upstream_tls_verifies_with_the_pool_ca_and_speaks_h1_or_h2() {
             "HTTP/2.0",
         ),
     ] {
+        // HTTP health checks go the same way (TLS, HTTP/2): the backend must come up.
+        let extra =
+            format!("{extra}\n[pools.app.health]\npath = \"/healthz\"\ninterval = \"100ms\"\n");
         let lb = balancer_with(&config(&plain_listener(), &[backend.addr], &extra), 1);
+        let id = backend.addr.to_string();
+        let up = eventually(Duration::from_secs(5), || async {
+            app_backends(&lb).await[&id]["health"] == "up"
+        })
+        .await;
+        assert!(up, "health check over TLS failed ({extra}): {}", lb.logs());
         let body = get_json(&client(), &format!("http://{}/", lb.addr)).await;
         assert_eq!(body["name"], "secure", "{extra}");
         assert_eq!(body["version"], version, "{extra}");

@@ -353,7 +353,7 @@ impl PoolManager {
             return;
         };
         let task = tokio::spawn(run_checks(
-            ActiveCheck::from_config(health),
+            ActiveCheck::from_config(health).with_transport(self.settings.transport.clone()),
             backend.clone(),
             self.pool.name.clone(),
             self.events.clone(),
@@ -508,6 +508,7 @@ impl PoolManager {
     fn reconfigure(&mut self, config: &PoolConfig) {
         let new_file = file_backends(config);
         let new_settings = Arc::new(PoolSettings::from_config(config));
+        let transport_changed = new_settings.transport != self.settings.transport;
         if *new_settings != *self.settings {
             self.settings = new_settings;
             self.events.record(
@@ -530,6 +531,12 @@ impl PoolManager {
                 if self.health.is_none() {
                     backend.set_healthy(true);
                 }
+                self.start_checks(&backend);
+            }
+        } else if transport_changed {
+            // HTTP checks connect like requests do (TLS, HTTP/2): restart them on the new way.
+            for backend in self.members.clone() {
+                self.stop_checks(backend.address);
                 self.start_checks(&backend);
             }
         }

@@ -336,84 +336,17 @@ impl ConnectionPool {
     }
 
     async fn open(&self, settings: &PoolSettings) -> Result<UpstreamConnection, ConnectError> {
-        let connect_timeout = settings.connect_timeout;
-        let transport = &*settings.transport;
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(self.address))
-            .await
-            .map_err(|_| ConnectError::Timeout(connect_timeout))?
-            .map_err(ConnectError::Io)?;
-        // Small requests and responses must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let sender = match &transport.tls {
-            None => {
-                self.handshake(TokioIo::new(stream), transport.protocol, false)
-                    .await?
-            }
-            Some(Err(error)) => return Err(ConnectError::Setup(error.clone())),
-            Some(Ok(tls)) => {
-                let name = tls
-                    .sni
-                    .clone()
-                    .unwrap_or_else(|| ServerName::IpAddress(self.address.ip().into()));
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let stream = tokio::time::timeout(connect_timeout, connector.connect(name, stream))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(connect_timeout))?
-                    .map_err(ConnectError::Tls)?;
-                self.handshake(TokioIo::new(stream), transport.protocol, true)
-                    .await?
-            }
-        };
+        let sender = dial(
+            self.address,
+            &settings.transport,
+            settings.connect_timeout,
+            Some(&self.stats),
+        )
+        .await?;
         Ok(UpstreamConnection {
             sender,
             reused: false,
         })
-    }
-
-    /// Runs the HTTP handshake on a connected stream and spawns the connection's task.
-    async fn handshake<I>(
-        &self,
-        io: I,
-        protocol: UpstreamProtocol,
-        tls: bool,
-    ) -> Result<UpstreamSender, ConnectError>
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let address = self.address;
-        let stats = self.stats.clone();
-        let (sender, connection): (
-            UpstreamSender,
-            std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
-        ) = match protocol {
-            UpstreamProtocol::Http1 => {
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(ConnectError::Handshake)?;
-                (UpstreamSender::Http1(sender), Box::pin(connection))
-            }
-            UpstreamProtocol::H2 => {
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .adaptive_window(true)
-                    .keep_alive_interval(H2_KEEP_ALIVE)
-                    .keep_alive_timeout(H2_KEEP_ALIVE)
-                    .handshake(io)
-                    .await
-                    .map_err(ConnectError::Handshake)?;
-                (UpstreamSender::Http2(sender, tls), Box::pin(connection))
-            }
-        };
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        stats.opened.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
-            }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(sender)
     }
 
     /// Returns a connection whose exchange completed, for reuse. Dropped (closed) if the pool
@@ -431,4 +364,103 @@ impl ConnectionPool {
             idle_since: Instant::now(),
         });
     }
+}
+
+/// Opens one connection to `address` as `transport` says: TCP (bounded by `connect_timeout`),
+/// TLS when configured (bounded too), then the HTTP/1.1 or HTTP/2 handshake. The
+/// connection's task runs in the background; `stats` counts it when given.
+pub async fn dial(
+    address: SocketAddr,
+    transport: &UpstreamTransport,
+    connect_timeout: Duration,
+    stats: Option<&Arc<ConnectionStats>>,
+) -> Result<UpstreamSender, ConnectError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| ConnectError::Timeout(connect_timeout))?
+        .map_err(ConnectError::Io)?;
+    // Small requests and responses must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    match &transport.tls {
+        None => {
+            handshake(
+                TokioIo::new(stream),
+                transport.protocol,
+                false,
+                address,
+                stats,
+            )
+            .await
+        }
+        Some(Err(error)) => Err(ConnectError::Setup(error.clone())),
+        Some(Ok(tls)) => {
+            let name = tls
+                .sni
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let stream = tokio::time::timeout(connect_timeout, connector.connect(name, stream))
+                .await
+                .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                .map_err(ConnectError::Tls)?;
+            handshake(
+                TokioIo::new(stream),
+                transport.protocol,
+                true,
+                address,
+                stats,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs the HTTP handshake on a connected stream and spawns the connection's task.
+async fn handshake<I>(
+    io: I,
+    protocol: UpstreamProtocol,
+    tls: bool,
+    address: SocketAddr,
+    stats: Option<&Arc<ConnectionStats>>,
+) -> Result<UpstreamSender, ConnectError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection): (
+        UpstreamSender,
+        std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
+    ) = match protocol {
+        UpstreamProtocol::Http1 => {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            (UpstreamSender::Http1(sender), Box::pin(connection))
+        }
+        UpstreamProtocol::H2 => {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .keep_alive_interval(H2_KEEP_ALIVE)
+                .keep_alive_timeout(H2_KEEP_ALIVE)
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            (UpstreamSender::Http2(sender, tls), Box::pin(connection))
+        }
+    };
+    let stats = stats.cloned();
+    if let Some(stats) = &stats {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.opened.fetch_add(1, Ordering::Relaxed);
+    }
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
+        }
+        if let Some(stats) = stats {
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+    Ok(sender)
 }
