@@ -174,6 +174,25 @@ async fn sni_selects_the_certificate_of_each_host_name() {
     // No SNI (an IP address) and an unknown name get the default certificate (b).
     assert!(presented_cert(lb.addr, "127.0.0.1").await == b.der);
     assert!(presented_cert(lb.addr, "unknown.test").await == b.der);
+    // TLS 1.2 and TLS 1.3 are both offered.
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::pem::PemObject::from_pem_slice(ca.pem().as_bytes()).unwrap())
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(fulcrum::tls::provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        let tls = connector
+            .connect("a.test".try_into().unwrap(), stream)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
