@@ -89,7 +89,7 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
             };
             let store = crate::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
             Some(
-                crate::tls::TlsListener::new("backend", &config, store)
+                crate::tls::TlsListener::new("backend", &config, store, None)
                     .map_err(anyhow::Error::msg)?,
             )
         }

@@ -279,7 +279,7 @@ impl Server {
                 })?;
             let tls = match (certs.remove(&name), &listener_config.tls) {
                 (Some(store), Some(tls)) => Some(
-                    TlsListener::new(&name, tls, store)
+                    TlsListener::new(&name, tls, store, Some(self.events.clone()))
                         .map_err(anyhow::Error::msg)
                         .with_context(|| format!("listener `{name}`"))?,
                 ),

@@ -28,6 +28,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerTlsConfig;
+use crate::events::EventLog;
 use crate::proxy::http::HttpProxy;
 use crate::server::ListenerStats;
 
@@ -176,6 +177,8 @@ pub struct TlsListener {
     acceptor: TlsAcceptor,
     /// Modification time and size of every certificate and key file at the last load.
     stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
+    /// Where certificate reloads driven by file changes are recorded.
+    events: Option<Arc<EventLog>>,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -188,10 +191,12 @@ impl std::fmt::Debug for TlsListener {
 
 impl TlsListener {
     /// TLS for listener `name` serving the certificates in `store` (loaded from `config`).
+    /// Reloads caused by file changes are recorded in `events` when given.
     pub fn new(
         name: &str,
         config: &ListenerTlsConfig,
         store: CertStore,
+        events: Option<Arc<EventLog>>,
     ) -> Result<Arc<TlsListener>, String> {
         let stamps = file_stamps(config);
         let resolver = Arc::new(SniResolver {
@@ -213,6 +218,7 @@ impl TlsListener {
             resolver,
             acceptor: TlsAcceptor::from(Arc::new(server)),
             stamps: Mutex::new(stamps),
+            events,
         }))
     }
 
@@ -240,11 +246,35 @@ impl TlsListener {
             Ok(store) => {
                 self.resolver.store.store(Arc::new(store));
                 tracing::info!(listener = %self.name, "certificate files changed; TLS certificates reloaded");
+                if let Some(events) = &self.events {
+                    events.record(
+                        "cert_reload",
+                        None,
+                        None,
+                        format!(
+                            "listener `{}`: certificate files changed; reloaded",
+                            self.name
+                        ),
+                    );
+                }
             }
-            Err(error) => tracing::error!(
-                listener = %self.name, %error,
-                "certificate files changed but cannot be loaded; the previous certificates stay in use"
-            ),
+            Err(error) => {
+                tracing::error!(
+                    listener = %self.name, %error,
+                    "certificate files changed but cannot be loaded; the previous certificates stay in use"
+                );
+                if let Some(events) = &self.events {
+                    events.record(
+                        "cert_reload_failed",
+                        None,
+                        None,
+                        format!(
+                            "listener `{}`: {error}; the previous certificates stay in use",
+                            self.name
+                        ),
+                    );
+                }
+            }
         }
     }
 

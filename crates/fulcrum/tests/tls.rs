@@ -285,6 +285,16 @@ async fn certificate_reload_switches_new_handshakes_and_keeps_open_connections()
     })
     .await;
     assert!(switched, "new handshakes never got the new certificate");
+    let recorded = eventually(Duration::from_secs(5), || async {
+        let events = admin_get(&lb, "/api/events").await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "cert_reload")
+    })
+    .await;
+    assert!(recorded, "no cert_reload event");
 
     // The connection opened before the reload still works (same connection: same old cert).
     let response = kept.get(&url).send().await.unwrap();

@@ -540,6 +540,12 @@ impl PoolManager {
                 self.start_checks(&backend);
             }
         }
+        if transport_changed {
+            // Pooled connections were made the old way (plain or TLS, HTTP/1.1 or HTTP/2).
+            for backend in &self.members {
+                backend.connections.clear();
+            }
+        }
         self.restart_dns(DnsSettings::of(config));
         let old_file = std::mem::take(&mut self.from_file);
         for (address, old_weight) in &old_file {

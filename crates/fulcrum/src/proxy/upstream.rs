@@ -349,6 +349,13 @@ impl ConnectionPool {
         })
     }
 
+    /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 one closes
+    /// once its streams finish), so the next requests connect the pool's new way.
+    pub fn clear(&self) {
+        while self.idle.pop().is_some() {}
+        self.h2.store(None);
+    }
+
     /// Returns a connection whose exchange completed, for reuse. Dropped (closed) if the pool
     /// is full or the connection is closing. HTTP/2 handles are just dropped: the shared
     /// connection stays with the pool.
