@@ -594,6 +594,46 @@ request = "30s"
     }
 
     #[test]
+    fn tls_settings_are_checked() {
+        let text = ISSUE_EXAMPLE.replace("protocol = \"http\"", "protocol = \"https\"");
+        assert!(error_at(&text).2.contains("no [listeners.web.tls] table"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "ca = \"ca.pem\"\n[pools.app.timeouts]",
+        );
+        assert!(error_at(&text).2.contains("`ca` needs `tls = true`"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nca = \"/nonexistent/ca.pem\"\n[pools.app.timeouts]",
+        );
+        let (line, _, message) = error_at(&text);
+        assert_eq!(line, 18, "{message}");
+        assert!(message.contains("/nonexistent/ca.pem"), "{message}");
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nsni = \"not a name\"\nprotocol = \"h2\"\n[pools.app.timeouts]",
+        );
+        assert!(error_at(&text).2.contains("not a valid DNS name"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nsni = \"backend.internal\"\nprotocol = \"h2\"\n[pools.app.timeouts]",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.pools["app"].protocol, UpstreamProtocol::H2);
+        assert!(config.pools["app"].verify);
+    }
+
+    #[test]
+    fn relative_certificate_paths_follow_the_config_file() {
+        let mut path = PathBuf::from("certs/a.pem");
+        tls::resolve(Some(Path::new("/etc/fulcrum")), &mut path);
+        assert_eq!(path, PathBuf::from("/etc/fulcrum/certs/a.pem"));
+        let mut path = PathBuf::from("/abs/a.pem");
+        tls::resolve(Some(Path::new("/etc/fulcrum")), &mut path);
+        assert_eq!(path, PathBuf::from("/abs/a.pem"));
+    }
+
+    #[test]
     fn syntax_error_has_position() {
         let (line, _, _) = error_at("[listeners.web\nlisten = 1");
         assert_eq!(line, 1);
