@@ -8,11 +8,15 @@
 //! `/ws` is a WebSocket echo server. The JSON body's `client` (and the `X-Client-Addr`
 //! header) is the client address: the peer's, or with `--proxy-protocol` the one the PROXY
 //! header carries. [`spawn_tcp_echo`] is the raw TCP echo server (`--tcp-echo`).
+//! The JSON body also reports the HTTP version.
+//! `/grpc-echo` streams the request body back frame by frame as it arrives and ends with
+//! `grpc-status: 0` trailers (a gRPC-style bidirectional stream).
 //! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
 //! `echo=headers` adds the received headers to the JSON body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,11 +27,12 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_KEY, UPGRADE,
 };
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -59,6 +64,8 @@ pub struct BackendOptions {
     /// Expect a PROXY protocol header (v1 or v2) on every connection and report the client
     /// address it carries.
     pub proxy_protocol: bool,
+    /// Serve HTTPS (ALPN h2 and http/1.1) with this PEM certificate chain and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// How long a client may take to send its PROXY protocol header.
@@ -142,6 +149,27 @@ impl Fnv1a {
 
 /// Binds `listen` and serves the demo backend in a background task. Returns the bound address.
 pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Result<SocketAddr> {
+    let tls = match &options.tls {
+        Some((cert, key)) => {
+            let config = crate::config::ListenerTlsConfig {
+                certs: vec![toml::Spanned::new(
+                    0..0,
+                    crate::config::CertConfig {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        default: true,
+                    },
+                )],
+                handshake_timeout: crate::config::ConfigDuration(Duration::from_secs(10)),
+            };
+            let store = crate::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
+            Some(
+                crate::tls::TlsListener::new("backend", &config, store, None)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("backend cannot listen on {listen}"))?;
@@ -154,7 +182,7 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
         requests: AtomicU64::new(0),
         proxy_protocol: options.proxy_protocol,
     });
-    tokio::spawn(accept_loop(listener, state));
+    tokio::spawn(accept_loop(listener, state, tls));
     Ok(address)
 }
 
@@ -168,7 +196,11 @@ struct BackendServer {
     proxy_protocol: bool,
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<BackendServer>,
+    tls: Option<Arc<crate::tls::TlsListener>>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (mut stream, peer) = match listener.accept().await {
@@ -183,6 +215,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
         state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
         let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let client = if state.proxy_protocol {
                 match proxied_client(&mut stream, peer).await {
@@ -196,9 +229,20 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
                 let state = state.clone();
                 async move { state.answer(request, client).await }
             });
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }
@@ -206,7 +250,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<BackendServer>) {
 /// A response body: either fixed bytes or the `/bytes/N` pattern stream.
 enum BackendBody {
     Full(Option<Bytes>),
-    Pattern { sent: u64, total: u64 },
+    Pattern {
+        sent: u64,
+        total: u64,
+    },
+    /// Frames produced by a task (`/grpc-echo`).
+    Stream(Channel<Bytes>),
 }
 
 impl Body for BackendBody {
@@ -215,9 +264,10 @@ impl Body for BackendBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
+            BackendBody::Stream(channel) => Pin::new(channel).poll_frame(cx),
             BackendBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             BackendBody::Pattern { sent, total } => {
                 if *sent >= *total {
@@ -237,6 +287,7 @@ impl Body for BackendBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             BackendBody::Pattern { sent, total } => SizeHint::with_exact(total - sent),
+            BackendBody::Stream(channel) => channel.size_hint(),
         }
     }
 }
@@ -250,6 +301,29 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 impl BackendServer {
+    /// Streams the request body back as it arrives, then `grpc-status: 0` trailers.
+    fn grpc_echo(&self, mut body: Incoming) -> Response<BackendBody> {
+        let (mut sender, channel) = Channel::new(16);
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    if sender.send_data(data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert("grpc-message", HeaderValue::from_static("echoed"));
+            let _ = sender.send_trailers(trailers).await;
+        });
+        let mut response = Response::new(BackendBody::Stream(channel));
+        let headers = response.headers_mut();
+        headers.insert(X_BACKEND.clone(), self.name.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        response
+    }
+
     async fn answer(
         &self,
         mut request: Request<Incoming>,
@@ -261,6 +335,9 @@ impl BackendServer {
         let (parts, mut body) = request.into_parts();
         let path = parts.uri.path().to_string();
         let query = parts.uri.query();
+        if path == "/grpc-echo" {
+            return Ok(self.grpc_echo(body));
+        }
         let mut response = if path == "/healthz" {
             Response::new(BackendBody::Full(Some(Bytes::from_static(b"ok\n"))))
         } else if path == "/stats" {
@@ -302,6 +379,7 @@ impl BackendServer {
                 let mut json = serde_json::json!({
                     "name": self.name.to_str().unwrap_or(""),
                     "method": parts.method.as_str(),
+                    "version": format!("{:?}", parts.version),
                     "path": path,
                     "headers": parts.headers.len(),
                     "body_bytes": received,

@@ -17,6 +17,7 @@ pub async fn start_demo_backends(listen: SocketAddr, count: usize) -> Result<Con
             name: Some(format!("demo-{i}")),
             delay: std::time::Duration::ZERO,
             proxy_protocol: false,
+            tls: None,
         };
         let address = spawn_backend(SocketAddr::from(([127, 0, 0, 1], 0)), options).await?;
         println!("started demo backend demo-{i} on http://{address}");

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod server;
+pub mod tls;

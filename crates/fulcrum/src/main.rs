@@ -76,6 +76,12 @@ enum Command {
         /// Be a raw TCP echo server instead of an HTTP server.
         #[arg(long)]
         tcp_echo: bool,
+        /// Serve HTTPS (ALPN h2 and http/1.1) with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Control a running balancer through its admin API (pools, backends, reload, events).
     Ctl(fulcrum::ctl::CtlArgs),
@@ -147,6 +153,8 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             workers,
             proxy_protocol,
             tcp_echo,
+            tls_cert,
+            tls_key,
         } => {
             init_logging(cli_format.unwrap_or_default());
             runtime(workers.max(1))?.block_on(async move {
@@ -164,10 +172,16 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     name: name.clone(),
                     delay: Duration::from_millis(delay_ms),
                     proxy_protocol,
+                    tls: tls_cert.zip(tls_key),
+                };
+                let scheme = if options.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
                 };
                 let address = spawn_backend(listen, options).await?;
                 println!(
-                    "listening backend http://{address} name={}",
+                    "listening backend {scheme}://{address} name={}",
                     name.unwrap_or_else(|| address.to_string())
                 );
                 stop.await;
@@ -219,8 +233,11 @@ async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
     .await?;
     for listener in server.listeners().await {
         println!(
-            "listening {} http://{} pool={}",
-            listener.name, listener.address, listener.pool
+            "listening {} {}://{} pool={}",
+            listener.name,
+            if listener.tls { "https" } else { "http" },
+            listener.address,
+            listener.pool
         );
     }
     println!("listening admin http://{admin_address}");

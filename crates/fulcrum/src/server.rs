@@ -23,6 +23,7 @@ use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
+use crate::tls::{CertStore, TlsListener};
 
 /// Pending connections the kernel queues per listener before accept.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -36,6 +37,8 @@ pub struct BoundListener {
     pub address: SocketAddr,
     /// The pool it serves.
     pub pool: String,
+    /// Whether it terminates TLS (`https`).
+    pub tls: bool,
 }
 
 /// A listener's accept task and the switch that stops it.
@@ -45,6 +48,8 @@ struct ListenerTask {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     stats: Arc<ListenerStats>,
+    /// TLS termination, for `https` listeners.
+    tls: Option<Arc<TlsListener>>,
 }
 
 /// Counters of one listener's client connections.
@@ -232,7 +237,15 @@ impl Server {
         };
         // Bind every new or changed listener first: if one fails, nothing changes.
         let mut to_start = Vec::new();
+        // Certificates are (re)loaded now too, so a bad file refuses the whole reload.
+        let mut certs = BTreeMap::new();
         for (name, listener) in &config.listeners {
+            if let (ListenerProtocol::Https, Some(tls)) = (&listener.protocol, &listener.tls) {
+                let store = CertStore::load(tls)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("listener `{name}`"))?;
+                certs.insert(name.clone(), store);
+            }
             let unchanged = running
                 .listeners
                 .get(name)
@@ -296,13 +309,23 @@ impl Server {
                         listener_config.pool.get_ref()
                     )
                 })?;
+            let tls = match (certs.remove(&name), &listener_config.tls) {
+                (Some(store), Some(tls)) => Some(
+                    TlsListener::new(&name, tls, store, Some(self.events.clone()))
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("listener `{name}`"))?,
+                ),
+                _ => None,
+            };
+            let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
+                .with_tls(tls.is_some());
             let task = start_listener(
                 &name,
                 listener_config,
                 socket,
-                HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
-                    .with_tunnel_idle_timeout(tunnel_idle_timeout),
+                proxy.with_tunnel_idle_timeout(tunnel_idle_timeout),
                 self.shutdown_timeout,
+                tls,
             )?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
             if let Some(old) = running.listeners.insert(name.clone(), task) {
@@ -323,6 +346,12 @@ impl Server {
                 tracing::info!(listener = %name, "listener removed by reload; draining its connections");
                 old.close();
                 report.listeners_removed.push(name);
+            }
+        }
+        // Listeners kept as they were serve their freshly loaded certificates from now on.
+        for (name, store) in certs {
+            if let Some(tls) = running.listeners.get(&name).and_then(|l| l.tls.as_ref()) {
+                tls.install(store);
             }
         }
         running.config = config;
@@ -438,15 +467,20 @@ fn start_listener(
     socket: TcpListener,
     proxy: HttpProxy,
     shutdown_timeout: Duration,
+    tls: Option<Arc<TlsListener>>,
 ) -> Result<ListenerTask> {
     let address = socket.local_addr()?;
     let bound = BoundListener {
         name: name.to_string(),
         address,
         pool: config.pool.get_ref().clone(),
+        tls: tls.is_some(),
     };
     let (stop, stopped) = watch::channel(false);
     let stats = Arc::new(ListenerStats::default());
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch_files(stopped.clone()));
+    }
     let task = if config.protocol == ListenerProtocol::Tcp {
         tokio::spawn(crate::proxy::tcp::serve_tcp(
             socket,
@@ -464,6 +498,7 @@ fn start_listener(
             stopped,
             shutdown_timeout,
             stats.clone(),
+            tls.clone(),
         ))
     };
     Ok(ListenerTask {
@@ -472,6 +507,7 @@ fn start_listener(
         stop,
         task,
         stats,
+        tls,
     })
 }
 
@@ -519,8 +555,9 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
     shutdown_timeout: Duration,
     stats: Arc<ListenerStats>,
+    tls: Option<Arc<TlsListener>>,
 ) {
-    let builder = http_builder(&config);
+    let builder = Arc::new(http_builder(&config));
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
@@ -552,6 +589,18 @@ async fn serve_http(
                 proxy.clone(),
                 (permit, stats.clone()),
                 config.header_read_timeout.0,
+            );
+            continue;
+        }
+        if let Some(tls) = &tls {
+            crate::tls::serve_tls_connection(
+                tls.clone(),
+                builder.clone(),
+                graceful.watcher(),
+                stream,
+                client,
+                proxy.clone(),
+                (permit, stats.clone()),
             );
             continue;
         }
@@ -609,13 +658,16 @@ fn serve_connection(
 /// One client connection's place on its listener: its `max_connections` permit and its count
 /// in the open connections, both released when the last holder (the connection, or the tunnel
 /// of an upgraded connection) drops it.
-struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     stats: Arc<ListenerStats>,
 }
 
 impl ConnectionSlot {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, stats: Arc<ListenerStats>) -> Self {
+    pub(crate) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        stats: Arc<ListenerStats>,
+    ) -> Self {
         stats.open.fetch_add(1, Ordering::Relaxed);
         ConnectionSlot {
             _permit: permit,

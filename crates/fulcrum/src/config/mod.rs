@@ -3,6 +3,7 @@
 
 mod autoscale;
 mod health;
+mod tls;
 mod types;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ pub use autoscale::{AutoscaleConfig, AutoscaleMetric, AutoscaleProvider};
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
+pub use tls::{CertConfig, ListenerTlsConfig, UpstreamProtocol};
 pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, HashKey, ListenAddr};
 
 /// A whole Fulcrum configuration file.
@@ -102,6 +104,8 @@ pub enum ListenerProtocol {
     Http,
     /// Raw TCP: each client connection is forwarded byte for byte to one backend.
     Tcp,
+    /// HTTP/1.1 and HTTP/2 (chosen by ALPN) over TLS; needs a `tls` table.
+    Https,
 }
 
 /// `[listeners.NAME]`: one client-facing socket.
@@ -132,6 +136,9 @@ pub struct ListenerConfig {
     /// are closed.
     #[serde(default = "default_tunnel_idle_timeout")]
     pub idle_timeout: ConfigDuration,
+    /// Certificates of an `https` listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 fn default_tunnel_idle_timeout() -> ConfigDuration {
@@ -215,6 +222,26 @@ pub struct PoolConfig {
     /// every backend connection (TCP listeners only).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocolVersion>,
+    /// HTTP version spoken to the backends: "http1" (default) or "h2".
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Connect to the backends with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the CA certificates that sign the backends' certificates (with `tls`);
+    /// the webpki (Mozilla) roots when absent.
+    #[serde(default)]
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Server name sent (SNI) and verified; the backend's address when absent.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Verify the backends' certificates (default true). False accepts any certificate.
+    #[serde(default = "default_verify")]
+    pub verify: bool,
+}
+
+fn default_verify() -> bool {
+    true
 }
 
 /// Which PROXY protocol header to send to backends.
@@ -318,12 +345,89 @@ impl Config {
                 message,
             }
         };
-        let config: Config =
+        let mut config: Config =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
+        config.resolve_paths(file.parent());
         config
             .validate()
+            .and_then(|()| config.validate_tls())
             .map_err(|(span, message)| at(Some(span), message))?;
         Ok(config)
+    }
+
+    /// Makes the certificate, key and CA paths relative to the config file's directory.
+    fn resolve_paths(&mut self, base: Option<&Path>) {
+        for listener in self.listeners.values_mut() {
+            for cert in listener.tls.iter_mut().flat_map(|t| t.certs.iter_mut()) {
+                let cert = cert.get_mut();
+                tls::resolve(base, &mut cert.cert);
+                tls::resolve(base, &mut cert.key);
+            }
+        }
+        for pool in self.pools.values_mut() {
+            if let Some(ca) = pool.ca.as_mut() {
+                tls::resolve(base, ca.get_mut());
+            }
+        }
+    }
+
+    /// Checks TLS settings: an `https` listener has certificates that load (files readable,
+    /// key matching the certificate), a pool's CA file loads and its `sni` is a valid name.
+    fn validate_tls(&self) -> Result<(), (Range<usize>, String)> {
+        for (name, listener) in &self.listeners {
+            match (&listener.protocol, &listener.tls) {
+                (ListenerProtocol::Https, None) => {
+                    return Err((
+                        listener.pool.span(),
+                        format!("listener `{name}` has protocol \"https\" but no [listeners.{name}.tls] table with certs"),
+                    ))
+                }
+                (ListenerProtocol::Https, Some(tls)) => {
+                    if tls.certs.is_empty() {
+                        return Err((
+                            listener.pool.span(),
+                            format!("listener `{name}`: tls.certs is empty; add [[listeners.{name}.tls.certs]] with cert and key"),
+                        ));
+                    }
+                    if tls.certs.iter().filter(|c| c.get_ref().default).count() > 1 {
+                        return Err((
+                            listener.pool.span(),
+                            format!("listener `{name}`: more than one certificate has default = true"),
+                        ));
+                    }
+                    for cert in &tls.certs {
+                        let c = cert.get_ref();
+                        crate::tls::load_certified_key(&c.cert, &c.key)
+                            .map_err(|e| (cert.span(), format!("listener `{name}`: {e}")))?;
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err((
+                        listener.pool.span(),
+                        format!("listener `{name}` has a tls table but its protocol is not \"https\""),
+                    ))
+                }
+                (_, None) => {}
+            }
+        }
+        for (name, pool) in &self.pools {
+            if let Some(ca) = &pool.ca {
+                if !pool.tls {
+                    return Err((ca.span(), format!("pool `{name}`: `ca` needs `tls = true`")));
+                }
+                crate::tls::load_roots(ca.get_ref())
+                    .map_err(|e| (ca.span(), format!("pool `{name}`: {e}")))?;
+            }
+            if let Some(sni) = &pool.sni {
+                if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                    return Err((
+                        pool.backends.span(),
+                        format!("pool `{name}`: sni {sni:?} is not a valid DNS name or IP address"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the rules serde cannot express. Returns the offending span and a message.
@@ -653,6 +757,46 @@ request = "30s"
             parse(&plain).unwrap().pools["app"].algorithm.0,
             fulcrum_balance::Algorithm::PeakEwma
         );
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let text = ISSUE_EXAMPLE.replace("protocol = \"http\"", "protocol = \"https\"");
+        assert!(error_at(&text).2.contains("no [listeners.web.tls] table"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "ca = \"ca.pem\"\n[pools.app.timeouts]",
+        );
+        assert!(error_at(&text).2.contains("`ca` needs `tls = true`"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nca = \"/nonexistent/ca.pem\"\n[pools.app.timeouts]",
+        );
+        let (line, _, message) = error_at(&text);
+        assert_eq!(line, 18, "{message}");
+        assert!(message.contains("/nonexistent/ca.pem"), "{message}");
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nsni = \"not a name\"\nprotocol = \"h2\"\n[pools.app.timeouts]",
+        );
+        assert!(error_at(&text).2.contains("not a valid DNS name"));
+        let text = ISSUE_EXAMPLE.replace(
+            "[pools.app.timeouts]",
+            "tls = true\nsni = \"backend.internal\"\nprotocol = \"h2\"\n[pools.app.timeouts]",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.pools["app"].protocol, UpstreamProtocol::H2);
+        assert!(config.pools["app"].verify);
+    }
+
+    #[test]
+    fn relative_certificate_paths_follow_the_config_file() {
+        let mut path = PathBuf::from("certs/a.pem");
+        tls::resolve(Some(Path::new("/etc/fulcrum")), &mut path);
+        assert_eq!(path, PathBuf::from("/etc/fulcrum/certs/a.pem"));
+        let mut path = PathBuf::from("/abs/a.pem");
+        tls::resolve(Some(Path::new("/etc/fulcrum")), &mut path);
+        assert_eq!(path, PathBuf::from("/abs/a.pem"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +14,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::HealthCheck;
-use crate::config::{HealthConfig, HealthKind, ProxyProtocolVersion, StatusRange};
+use crate::config::{
+    HealthConfig, HealthKind, ProxyProtocolVersion, StatusRange, UpstreamProtocol,
+};
+use crate::proxy::body::RequestBody;
 use crate::proxy::proxy_protocol::encode_local;
+use crate::proxy::upstream::{dial, ConnectError, UpstreamTransport};
 
 /// Most of a health-check response body that is read to look for `expect_body`.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -59,6 +64,8 @@ pub struct ActiveCheck {
     timeout: Duration,
     /// The pool's backends expect a PROXY header first: checks send a LOCAL one.
     proxy_protocol: Option<ProxyProtocolVersion>,
+    /// The pool's way to reach backends (TLS, HTTP/2), for HTTP checks; plain HTTP/1.1 if none.
+    transport: Option<Arc<UpstreamTransport>>,
 }
 
 impl ActiveCheck {
@@ -76,6 +83,7 @@ impl ActiveCheck {
             host: config.host.clone(),
             timeout: config.timeout.0,
             proxy_protocol: None,
+            transport: None,
         }
     }
 
@@ -97,7 +105,66 @@ impl ActiveCheck {
         Ok(stream)
     }
 
+    /// HTTP checks reach the backends like the pool's requests do: with TLS and HTTP/2 when
+    /// the pool uses them.
+    pub fn with_transport(mut self, transport: Arc<UpstreamTransport>) -> Self {
+        let plain = transport.tls.is_none() && transport.protocol == UpstreamProtocol::Http1;
+        self.transport = (!plain).then_some(transport);
+        self
+    }
+
+    /// An HTTP check over TLS or HTTP/2, through the same connect path as proxied requests.
+    async fn http_via_transport(
+        &self,
+        address: SocketAddr,
+        transport: &UpstreamTransport,
+    ) -> Result<(), CheckError> {
+        let mut sender =
+            dial(address, transport, self.timeout, None)
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Io(e) => CheckError::Io(e),
+                    e => CheckError::Http(e.to_string()),
+                })?;
+        let host = self.host.clone().unwrap_or_else(|| address.to_string());
+        let mut request = Request::get(self.path.as_str())
+            .header(
+                HOST,
+                HeaderValue::from_str(&host).map_err(|e| CheckError::Http(e.to_string()))?,
+            )
+            .header(USER_AGENT, "fulcrum-health-check")
+            .body(RequestBody::Empty)
+            .map_err(|e| CheckError::Http(e.to_string()))?;
+        if transport.protocol == UpstreamProtocol::Http1 {
+            request
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        let response = sender
+            .try_send_request(request)
+            .await
+            .map_err(|e| CheckError::Http(e.into_error().to_string()))?;
+        let status = response.status().as_u16();
+        if !self.expect_status.contains(status) {
+            return Err(CheckError::Status(status));
+        }
+        if let Some(expected) = &self.expect_body {
+            let body = Limited::new(response.into_body(), MAX_CHECK_BODY)
+                .collect()
+                .await
+                .map_err(|e| CheckError::Http(e.to_string()))?
+                .to_bytes();
+            if !String::from_utf8_lossy(&body).contains(expected.as_str()) {
+                return Err(CheckError::Body);
+            }
+        }
+        Ok(())
+    }
+
     async fn http(&self, address: SocketAddr) -> Result<(), CheckError> {
+        if let Some(transport) = &self.transport {
+            return self.http_via_transport(address, transport).await;
+        }
         let stream = self.connect(address).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -367,7 +367,9 @@ impl PoolManager {
             return;
         };
         let task = tokio::spawn(run_checks(
-            ActiveCheck::from_config(health).with_proxy_protocol(self.settings.proxy_protocol),
+            ActiveCheck::from_config(health)
+                .with_proxy_protocol(self.settings.proxy_protocol)
+                .with_transport(self.settings.transport.clone()),
             backend.clone(),
             self.pool.name.clone(),
             self.events.clone(),
@@ -549,6 +551,7 @@ impl PoolManager {
     fn reconfigure(&mut self, config: &PoolConfig) {
         let new_file = file_backends(config);
         let new_settings = Arc::new(PoolSettings::from_config(config));
+        let transport_changed = new_settings.transport != self.settings.transport;
         if *new_settings != *self.settings {
             if new_settings.slow_start != self.settings.slow_start {
                 for backend in &self.members {
@@ -577,6 +580,18 @@ impl PoolManager {
                     backend.set_healthy(true);
                 }
                 self.start_checks(&backend);
+            }
+        } else if transport_changed {
+            // HTTP checks connect like requests do (TLS, HTTP/2): restart them on the new way.
+            for backend in self.members.clone() {
+                self.stop_checks(backend.address);
+                self.start_checks(&backend);
+            }
+        }
+        if transport_changed {
+            // Pooled connections were made the old way (plain or TLS, HTTP/1.1 or HTTP/2).
+            for backend in &self.members {
+                backend.connections.clear();
             }
         }
         if config.agent != self.agent {

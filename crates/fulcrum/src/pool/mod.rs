@@ -18,6 +18,7 @@ pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
 use crate::config::{HashKey, PoolConfig};
 use crate::metrics::histogram::LatencyHistogram;
+use crate::proxy::upstream::UpstreamTransport;
 
 /// The statuses Fulcrum answers with itself when a backend cannot.
 const LOCAL_ERROR_STATUSES: [u16; 3] = [502, 503, 504];
@@ -55,6 +56,8 @@ pub struct PoolSettings {
     pub hash_key: HashKey,
     /// Consistent hashing with bounded loads: the factor (`maglev` only).
     pub bounded_load: Option<f64>,
+    /// How backends are connected to: HTTP/1.1 or HTTP/2, TLS or not.
+    pub transport: Arc<UpstreamTransport>,
 }
 
 impl PoolSettings {
@@ -85,6 +88,7 @@ impl PoolSettings {
                 .map(|k| k.get_ref().clone())
                 .unwrap_or_default(),
             bounded_load: config.bounded_load.as_ref().map(|b| *b.get_ref()),
+            transport: Arc::new(UpstreamTransport::from_config(config)),
         }
     }
 }

@@ -7,10 +7,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 
 use crate::pool::{Backend, InFlightGuard};
 use crate::proxy::access_log::AccessRecord;
+use crate::proxy::upstream::UpstreamSender;
 
 /// The body Fulcrum sends to a backend: the client's body streamed through, or nothing (a
 /// retried request, whose body was empty).
@@ -54,7 +54,7 @@ impl Body for RequestBody {
 /// or dropped, and hands the connection back to the pool once the body ended cleanly.
 pub struct UpstreamBody {
     inner: Incoming,
-    sender: Option<SendRequest<RequestBody>>,
+    sender: Option<UpstreamSender>,
     guard: InFlightGuard,
     /// The access-log line to write when the body is done (only when the log is on).
     access: Option<Box<AccessRecord>>,
@@ -62,7 +62,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     /// Wraps a backend's body; `sender` goes back to the backend's pool at the end.
-    pub fn new(inner: Incoming, sender: SendRequest<RequestBody>, guard: InFlightGuard) -> Self {
+    pub fn new(inner: Incoming, sender: UpstreamSender, guard: InFlightGuard) -> Self {
         UpstreamBody {
             inner,
             sender: Some(sender),

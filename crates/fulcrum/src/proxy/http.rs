@@ -37,6 +37,8 @@ pub struct HttpProxy {
     pub(crate) access_log: bool,
     /// Idle timeout of upgraded (WebSocket) connections.
     pub(crate) tunnel_idle_timeout: std::time::Duration,
+    /// `X-Forwarded-Proto`: "https" on TLS listeners.
+    pub(crate) scheme: &'static str,
 }
 
 thread_local! {
@@ -72,12 +74,19 @@ impl HttpProxy {
             events,
             access_log,
             tunnel_idle_timeout: std::time::Duration::from_secs(600),
+            scheme: "http",
         }
     }
 
     /// Sets the idle timeout of upgraded (WebSocket) connections.
     pub fn with_tunnel_idle_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.tunnel_idle_timeout = timeout;
+        self
+    }
+
+    /// Marks the listener as TLS-terminating (`X-Forwarded-Proto: https`).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.scheme = if tls { "https" } else { "http" };
         self
     }
 
@@ -119,7 +128,7 @@ impl HttpProxy {
             self.forward_upgrade(request, client, self.tunnel_idle_timeout)
                 .await
         } else {
-            match prepare_request(request, client) {
+            match prepare_request(request, client, self.scheme) {
                 Ok(request) => self.forward(request, client.ip()).await,
                 Err(message) => local_response(StatusCode::BAD_REQUEST, message),
             }
@@ -178,11 +187,7 @@ impl HttpProxy {
             };
             tried[attempt] = index;
             let backend = &snapshot.backends[index];
-            let connection = match backend
-                .connections
-                .acquire(settings.connect_timeout, settings.idle_timeout)
-                .await
-            {
+            let connection = match backend.connections.acquire(settings).await {
                 Ok(connection) => connection,
                 Err(error) => {
                     self.note_failure(snapshot, backend, true);
@@ -230,14 +235,7 @@ impl HttpProxy {
         let start = bounded(next_random(), snapshot.backends.len());
         for step in 0..snapshot.backends.len().min(MAX_ATTEMPTS_CAP) {
             let backend = &snapshot.backends[(start + step) % snapshot.backends.len()];
-            let Ok(connection) = backend
-                .connections
-                .acquire(
-                    snapshot.settings.connect_timeout,
-                    snapshot.settings.idle_timeout,
-                )
-                .await
-            else {
+            let Ok(connection) = backend.connections.acquire(&snapshot.settings).await else {
                 continue;
             };
             match self.exchange(snapshot, backend, connection, request).await {
@@ -323,7 +321,7 @@ impl HttpProxy {
             }
             // A keep-alive connection the backend had just closed: once more on a fresh one.
             tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
-            match backend.connections.connect(settings.connect_timeout).await {
+            match backend.connections.connect(settings).await {
                 Ok(fresh) => {
                     connection = fresh;
                     request = unsent;
@@ -412,6 +410,7 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &[u8]) -> Option<&'a [u8]> {
 pub(crate) fn prepare_request(
     mut request: Request<Incoming>,
     client: SocketAddr,
+    scheme: &'static str,
 ) -> Result<Request<Incoming>, &'static str> {
     let host = match request.headers().get(header::HOST) {
         Some(host) => Some(host.clone()),
@@ -430,13 +429,23 @@ pub(crate) fn prepare_request(
             Uri::try_from(path).map_err(|_| "400 bad request: invalid request target")?;
     }
     let headers = request.headers_mut();
+    // `TE: trailers` says the client accepts trailers; gRPC needs it to reach the backend.
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     remove_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(host) = &host {
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, host.clone());
         }
     }
-    add_forwarded(headers, client.ip(), "http", host);
+    add_forwarded(headers, client.ip(), scheme, host);
     *request.version_mut() = Version::HTTP_11;
     Ok(request)
 }

@@ -126,7 +126,7 @@ impl HttpProxy {
         } else {
             request.headers().get(header::UPGRADE).cloned()
         };
-        let mut request = match prepare_request(request, client) {
+        let mut request = match prepare_request(request, client, self.scheme) {
             Ok(request) => request,
             Err(message) => return local_response(StatusCode::BAD_REQUEST, message),
         };
@@ -198,8 +198,13 @@ impl HttpProxy {
                 } else {
                     backend.record_success();
                 }
-                let mut response = response
-                    .map(|body| ProxyBody::Upstream(UpstreamBody::new(body, sender, guard)));
+                let mut response = response.map(|body| {
+                    ProxyBody::Upstream(UpstreamBody::new(
+                        body,
+                        crate::proxy::upstream::UpstreamSender::Http1(sender),
+                        guard,
+                    ))
+                });
                 remove_hop_by_hop(response.headers_mut());
                 return response;
             }

@@ -1,5 +1,6 @@
-//! Keep-alive connections to one backend: a lock-free queue of idle HTTP/1.1 connections and
-//! the connect path (TCP connect with timeout, TCP_NODELAY, hyper handshake).
+//! Connections to one backend: a lock-free queue of idle HTTP/1.1 connections, or one shared
+//! multiplexed HTTP/2 connection, and the connect path (TCP connect with timeout,
+//! TCP_NODELAY, TLS when the pool asks for it, hyper handshake).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,16 +8,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::header;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use crate::config::{PoolConfig, UpstreamProtocol};
+use crate::pool::PoolSettings;
 use crate::proxy::body::RequestBody;
+
+/// An HTTP/1.1 connection handle.
+type SendRequest<B> = http1::SendRequest<B>;
 
 /// Most idle connections kept per backend. Enough for a busy backend at high concurrency;
 /// the queue is preallocated, so this also bounds memory per backend (~10 KiB).
 const MAX_IDLE_PER_BACKEND: usize = 256;
+
+/// HTTP/2 connections to backends are pinged this often; one unanswered that long is closed.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// Why no connection to a backend could be had. Always safe to retry elsewhere: nothing was sent.
 #[derive(Debug)]
@@ -27,6 +43,10 @@ pub enum ConnectError {
     Io(std::io::Error),
     /// The HTTP connection could not be set up.
     Handshake(hyper::Error),
+    /// The TLS handshake with the backend failed (certificate not trusted, ...).
+    Tls(std::io::Error),
+    /// The pool's TLS settings could not be loaded.
+    Setup(Arc<str>),
 }
 
 impl fmt::Display for ConnectError {
@@ -35,16 +55,152 @@ impl fmt::Display for ConnectError {
             ConnectError::Timeout(d) => write!(f, "connect timed out after {d:?}"),
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
             ConnectError::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            ConnectError::Setup(e) => write!(f, "upstream TLS unusable: {e}"),
         }
     }
 }
 
 impl std::error::Error for ConnectError {}
 
+/// How a pool connects to its backends: HTTP version and TLS. Shared by the pool's
+/// settings; equal when the configuration that made it is equal.
+pub struct UpstreamTransport {
+    /// HTTP/1.1 or HTTP/2.
+    pub protocol: UpstreamProtocol,
+    /// TLS client settings, when the pool uses TLS; `Err` when they could not be loaded.
+    pub tls: Option<Result<UpstreamTls, Arc<str>>>,
+    /// What this was built from, for equality.
+    source: (bool, Option<std::path::PathBuf>, Option<String>, bool),
+}
+
+/// TLS towards the backends.
+pub struct UpstreamTls {
+    /// rustls client settings (roots, ALPN).
+    pub config: Arc<ClientConfig>,
+    /// The name sent as SNI and verified; the backend's IP address when `None`.
+    pub sni: Option<ServerName<'static>>,
+}
+
+impl UpstreamTransport {
+    /// The transport a pool's configuration asks for. A CA file that cannot be loaded (it
+    /// was checked with the config, so it changed since) makes every connect fail with why.
+    pub fn from_config(config: &PoolConfig) -> Self {
+        let tls = config.tls.then(|| {
+            let alpn: &[u8] = match config.protocol {
+                UpstreamProtocol::Http1 => b"http/1.1",
+                UpstreamProtocol::H2 => b"h2",
+            };
+            let ca = config.ca.as_ref().map(|c| c.get_ref().as_path());
+            if !config.verify {
+                tracing::warn!(
+                    "upstream TLS with verify = false: backend certificates are not checked"
+                );
+            }
+            let client = crate::tls::client_config(ca, config.verify, alpn).map_err(|e| {
+                tracing::error!(error = %e, "upstream TLS settings cannot be loaded");
+                Arc::<str>::from(e)
+            })?;
+            let sni = config
+                .sni
+                .as_ref()
+                .and_then(|name| ServerName::try_from(name.clone()).ok());
+            Ok(UpstreamTls {
+                config: client,
+                sni,
+            })
+        });
+        UpstreamTransport {
+            protocol: config.protocol,
+            tls,
+            source: (
+                config.tls,
+                config.ca.as_ref().map(|c| c.get_ref().clone()),
+                config.sni.clone(),
+                config.verify,
+            ),
+        }
+    }
+}
+
+impl PartialEq for UpstreamTransport {
+    fn eq(&self, other: &Self) -> bool {
+        self.protocol == other.protocol && self.source == other.source
+    }
+}
+
+impl fmt::Debug for UpstreamTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTransport")
+            .field("protocol", &self.protocol)
+            .field("tls", &self.source.0)
+            .field("ca", &self.source.1)
+            .field("sni", &self.source.2)
+            .field("verify", &self.source.3)
+            .finish()
+    }
+}
+
+/// A handle to send requests on: an HTTP/1.1 connection (one request at a time) or a clone
+/// of a shared HTTP/2 connection (many streams at once).
+pub enum UpstreamSender {
+    /// HTTP/1.1.
+    Http1(SendRequest<RequestBody>),
+    /// HTTP/2, with whether the connection uses TLS (for the `:scheme`).
+    Http2(http2::SendRequest<RequestBody>, bool),
+}
+
+impl UpstreamSender {
+    /// Sends `request`; on failure, gives the request back when it was provably not sent.
+    /// On HTTP/2 the request gets an absolute URI (`:scheme`, `:authority` from `Host`).
+    pub async fn try_send_request(
+        &mut self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self {
+            UpstreamSender::Http1(sender) => sender.try_send_request(request).await,
+            UpstreamSender::Http2(sender, tls) => {
+                let request = to_h2(request, *tls);
+                sender.try_send_request(request).await
+            }
+        }
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            UpstreamSender::Http1(sender) => sender.is_closed(),
+            UpstreamSender::Http2(sender, _) => sender.is_closed(),
+        }
+    }
+}
+
+/// Rewrites an HTTP/1.1-shaped request for HTTP/2: the `Host` header becomes `:authority`.
+fn to_h2(mut request: Request<RequestBody>, tls: bool) -> Request<RequestBody> {
+    if request.uri().authority().is_none() {
+        let host = request.headers_mut().remove(header::HOST);
+        let authority = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+        if let Some(authority) = authority {
+            let mut parts = std::mem::take(request.uri_mut()).into_parts();
+            parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+            parts.authority = Some(authority);
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+                *request.version_mut() = Version::HTTP_2;
+            }
+        }
+    }
+    // Without a host, h2 sends the origin-form path with `:scheme` http and no `:authority`.
+    request
+}
+
 /// A connection ready to carry one request.
 pub struct UpstreamConnection {
     /// The hyper handle to send the request on.
-    pub sender: SendRequest<RequestBody>,
+    pub sender: UpstreamSender,
     /// Whether it came from the idle pool (a reused connection may have been closed by the
     /// backend meanwhile; a request it returns unsent can be retried on a fresh one).
     pub reused: bool,
@@ -60,6 +216,10 @@ pub struct ConnectionPool {
     address: SocketAddr,
     idle: ArrayQueue<IdleConnection>,
     stats: Arc<ConnectionStats>,
+    /// The shared HTTP/2 connection, and the transport (by address) it was made with.
+    h2: ArcSwapOption<(http2::SendRequest<RequestBody>, usize)>,
+    /// Held while a new HTTP/2 connection is being opened, so concurrent requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 /// Counters of one backend's upstream connections.
@@ -89,6 +249,8 @@ impl ConnectionPool {
             address,
             idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
             stats: Arc::default(),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -102,12 +264,16 @@ impl ConnectionPool {
         self.idle.len()
     }
 
-    /// An idle connection if a live one is pooled, else a new one.
+    /// An idle connection if a live one is pooled (HTTP/1.1) or the shared connection
+    /// (HTTP/2), else a new one.
     pub async fn acquire(
         &self,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
+        settings: &PoolSettings,
     ) -> Result<UpstreamConnection, ConnectError> {
+        if settings.transport.protocol == UpstreamProtocol::H2 {
+            return self.acquire_h2(settings).await;
+        }
+        let idle_timeout = settings.idle_timeout;
         while let Some(mut idle) = self.idle.pop() {
             if idle.sender.is_closed() || idle.idle_since.elapsed() > idle_timeout {
                 continue;
@@ -116,48 +282,87 @@ impl ConnectionPool {
             if idle.sender.ready().await.is_ok() {
                 self.stats.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(UpstreamConnection {
-                    sender: idle.sender,
+                    sender: UpstreamSender::Http1(idle.sender),
                     reused: true,
                 });
             }
         }
-        self.connect(connect_timeout).await
+        self.connect(settings).await
     }
 
-    /// Opens a new connection, bypassing the idle pool.
+    /// The live shared HTTP/2 connection made with `transport`, if there is one.
+    fn shared_h2(&self, transport: usize) -> Option<http2::SendRequest<RequestBody>> {
+        let guard = self.h2.load();
+        let (sender, made_with) = guard.as_deref()?;
+        (*made_with == transport && sender.is_ready()).then(|| sender.clone())
+    }
+
+    async fn acquire_h2(
+        &self,
+        settings: &PoolSettings,
+    ) -> Result<UpstreamConnection, ConnectError> {
+        let transport = Arc::as_ptr(&settings.transport) as usize;
+        let tls = settings.transport.tls.is_some();
+        if let Some(sender) = self.shared_h2(transport) {
+            self.stats.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(UpstreamConnection {
+                sender: UpstreamSender::Http2(sender, tls),
+                reused: true,
+            });
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(sender) = self.shared_h2(transport) {
+            self.stats.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(UpstreamConnection {
+                sender: UpstreamSender::Http2(sender, tls),
+                reused: true,
+            });
+        }
+        self.connect(settings).await
+    }
+
+    /// Opens a new connection, bypassing the idle pool. A new HTTP/2 connection replaces the
+    /// shared one for the requests that follow.
     pub async fn connect(
         &self,
-        connect_timeout: Duration,
+        settings: &PoolSettings,
     ) -> Result<UpstreamConnection, ConnectError> {
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(self.address))
-            .await
-            .map_err(|_| ConnectError::Timeout(connect_timeout))?
-            .map_err(ConnectError::Io)?;
-        // Small requests and responses must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        let address = self.address;
-        let stats = self.stats.clone();
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        stats.opened.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
-            }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-        });
+        let connection = self.open(settings).await?;
+        if let UpstreamSender::Http2(sender, _) = &connection.sender {
+            let transport = Arc::as_ptr(&settings.transport) as usize;
+            self.h2.store(Some(Arc::new((sender.clone(), transport))));
+        }
+        Ok(connection)
+    }
+
+    async fn open(&self, settings: &PoolSettings) -> Result<UpstreamConnection, ConnectError> {
+        let sender = dial(
+            self.address,
+            &settings.transport,
+            settings.connect_timeout,
+            Some(&self.stats),
+        )
+        .await?;
         Ok(UpstreamConnection {
             sender,
             reused: false,
         })
     }
 
+    /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 one closes
+    /// once its streams finish), so the next requests connect the pool's new way.
+    pub fn clear(&self) {
+        while self.idle.pop().is_some() {}
+        self.h2.store(None);
+    }
+
     /// Returns a connection whose exchange completed, for reuse. Dropped (closed) if the pool
-    /// is full or the connection is closing.
-    pub fn release(&self, sender: SendRequest<RequestBody>) {
+    /// is full or the connection is closing. HTTP/2 handles are just dropped: the shared
+    /// connection stays with the pool.
+    pub fn release(&self, sender: UpstreamSender) {
+        let UpstreamSender::Http1(sender) = sender else {
+            return;
+        };
         if sender.is_closed() {
             return;
         }
@@ -166,4 +371,103 @@ impl ConnectionPool {
             idle_since: Instant::now(),
         });
     }
+}
+
+/// Opens one connection to `address` as `transport` says: TCP (bounded by `connect_timeout`),
+/// TLS when configured (bounded too), then the HTTP/1.1 or HTTP/2 handshake. The
+/// connection's task runs in the background; `stats` counts it when given.
+pub async fn dial(
+    address: SocketAddr,
+    transport: &UpstreamTransport,
+    connect_timeout: Duration,
+    stats: Option<&Arc<ConnectionStats>>,
+) -> Result<UpstreamSender, ConnectError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| ConnectError::Timeout(connect_timeout))?
+        .map_err(ConnectError::Io)?;
+    // Small requests and responses must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    match &transport.tls {
+        None => {
+            handshake(
+                TokioIo::new(stream),
+                transport.protocol,
+                false,
+                address,
+                stats,
+            )
+            .await
+        }
+        Some(Err(error)) => Err(ConnectError::Setup(error.clone())),
+        Some(Ok(tls)) => {
+            let name = tls
+                .sni
+                .clone()
+                .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let stream = tokio::time::timeout(connect_timeout, connector.connect(name, stream))
+                .await
+                .map_err(|_| ConnectError::Timeout(connect_timeout))?
+                .map_err(ConnectError::Tls)?;
+            handshake(
+                TokioIo::new(stream),
+                transport.protocol,
+                true,
+                address,
+                stats,
+            )
+            .await
+        }
+    }
+}
+
+/// Runs the HTTP handshake on a connected stream and spawns the connection's task.
+async fn handshake<I>(
+    io: I,
+    protocol: UpstreamProtocol,
+    tls: bool,
+    address: SocketAddr,
+    stats: Option<&Arc<ConnectionStats>>,
+) -> Result<UpstreamSender, ConnectError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection): (
+        UpstreamSender,
+        std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
+    ) = match protocol {
+        UpstreamProtocol::Http1 => {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            (UpstreamSender::Http1(sender), Box::pin(connection))
+        }
+        UpstreamProtocol::H2 => {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .keep_alive_interval(H2_KEEP_ALIVE)
+                .keep_alive_timeout(H2_KEEP_ALIVE)
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            (UpstreamSender::Http2(sender, tls), Box::pin(connection))
+        }
+    };
+    let stats = stats.cloned();
+    if let Some(stats) = &stats {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        stats.opened.fetch_add(1, Ordering::Relaxed);
+    }
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
+        }
+        if let Some(stats) = stats {
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+    Ok(sender)
 }

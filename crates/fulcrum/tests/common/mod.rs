@@ -198,6 +198,27 @@ pub fn backend_with(name: &str, extra: &[&str]) -> Proc {
     spawn(&args, 1, None, &std::env::temp_dir())
 }
 
+/// Starts a demo backend named `name` serving HTTPS (h2 and http/1.1 by ALPN) with the PEM
+/// certificate and key files given.
+pub fn tls_backend(name: &str, cert: &Path, key: &Path) -> Proc {
+    spawn(
+        &[
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        1,
+        None,
+        &std::env::temp_dir(),
+    )
+}
+
 /// Starts a demo backend named `name` on a given address (e.g. to restart a killed one).
 pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
     spawn(
@@ -285,10 +306,28 @@ pub fn dead_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// Makes `ring` the process's rustls provider (reqwest is built without one of its own).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A TLS config trusting nothing, for clients that only speak plain HTTP: giving reqwest one
+/// spares it loading the system's root certificates for every client it builds.
+pub fn plain_tls_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default TLS versions")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth()
+}
+
 /// An HTTP client that never uses a proxy, with a bounded per-request time.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        .tls_backend_preconfigured(plain_tls_config())
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()

@@ -1,0 +1,463 @@
+//! TLS with rustls (crypto provider `ring`): termination on `https` listeners (certificates
+//! chosen by SNI, ALPN `h2` / `http/1.1`, TLS 1.2 and 1.3, reload without dropping open
+//! connections) and the client side of upstream TLS.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
+use hyper_util::server::graceful::Watcher;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ListenerTlsConfig;
+use crate::events::EventLog;
+use crate::proxy::http::HttpProxy;
+use crate::server::ListenerStats;
+
+/// How often the certificate and key files of `https` listeners are checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The crypto provider Fulcrum uses everywhere (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A loaded certificate: the chain and key ready for handshakes, and the DNS names (from the
+/// certificate's subject alternative names) it answers for.
+#[derive(Debug)]
+pub struct LoadedCert {
+    /// Chain and signing key.
+    pub key: Arc<CertifiedKey>,
+    /// DNS names of the leaf certificate, lower case; `*.example.com` for wildcards.
+    pub names: Vec<String>,
+}
+
+/// Loads a PEM certificate chain and its PEM private key. Errors name the file and say what
+/// is wrong (unreadable, no PEM certificate, no key, unsupported key, key not matching).
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String> {
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| format!("cannot read certificate file {}: {e}", cert_path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad certificate file {}: {e}", cert_path.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            cert_path.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => format!(
+            "key file {} has no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+            key_path.display()
+        ),
+        e => format!("cannot read key file {}: {e}", key_path.display()),
+    })?;
+    let names = {
+        let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
+            format!(
+                "certificate file {}: the first certificate cannot be parsed: {e}",
+                cert_path.display()
+            )
+        })?;
+        leaf.valid_dns_names()
+            .map(|n| n.to_ascii_lowercase())
+            .collect()
+    };
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "key file {} does not match certificate file {}",
+            key_path.display(),
+            cert_path.display()
+        ),
+        e => format!("unusable private key in {}: {e}", key_path.display()),
+    })?;
+    Ok(LoadedCert {
+        key: Arc::new(key),
+        names,
+    })
+}
+
+/// The certificates of one listener, indexed by name.
+#[derive(Debug)]
+pub struct CertStore {
+    certs: Vec<Arc<CertifiedKey>>,
+    exact: HashMap<String, usize>,
+    /// `example.com` for a certificate carrying `*.example.com`.
+    wildcard: HashMap<String, usize>,
+    default: usize,
+}
+
+impl CertStore {
+    /// Loads every certificate of `config`. The first certificate listing a name wins it.
+    pub fn load(config: &ListenerTlsConfig) -> Result<CertStore, String> {
+        let mut store = CertStore {
+            certs: Vec::with_capacity(config.certs.len()),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: 0,
+        };
+        for (index, cert) in config.certs.iter().enumerate() {
+            let cert = cert.get_ref();
+            let loaded = load_certified_key(&cert.cert, &cert.key)?;
+            for name in loaded.names {
+                match name.strip_prefix("*.") {
+                    Some(parent) => store.wildcard.entry(parent.to_string()),
+                    None => store.exact.entry(name),
+                }
+                .or_insert(index);
+            }
+            if cert.default {
+                store.default = index;
+            }
+            store.certs.push(loaded.key);
+        }
+        if store.certs.is_empty() {
+            return Err("no certificate configured".to_string());
+        }
+        Ok(store)
+    }
+
+    /// The certificate for a client that asked for `server_name` (SNI).
+    pub fn pick(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let index = server_name
+            .and_then(|name| {
+                let lower;
+                let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                    lower = name.to_ascii_lowercase();
+                    lower.as_str()
+                } else {
+                    name
+                };
+                self.exact.get(name).copied().or_else(|| {
+                    let (_, parent) = name.split_once('.')?;
+                    self.wildcard.get(parent).copied()
+                })
+            })
+            .unwrap_or(self.default);
+        &self.certs[index]
+    }
+}
+
+/// Chooses the certificate by SNI from a store that reloads swap atomically: handshakes
+/// started after a swap get the new certificates, established connections are not touched.
+#[derive(Debug)]
+struct SniResolver {
+    store: ArcSwap<CertStore>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.store.load().pick(hello.server_name()).clone())
+    }
+}
+
+/// TLS termination for one `https` listener.
+pub struct TlsListener {
+    name: String,
+    config: ListenerTlsConfig,
+    resolver: Arc<SniResolver>,
+    acceptor: TlsAcceptor,
+    /// Modification time and size of every certificate and key file at the last load.
+    stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
+    /// Where certificate reloads driven by file changes are recorded.
+    events: Option<Arc<EventLog>>,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsListener {
+    /// TLS for listener `name` serving the certificates in `store` (loaded from `config`).
+    /// Reloads caused by file changes are recorded in `events` when given.
+    pub fn new(
+        name: &str,
+        config: &ListenerTlsConfig,
+        store: CertStore,
+        events: Option<Arc<EventLog>>,
+    ) -> Result<Arc<TlsListener>, String> {
+        let stamps = file_stamps(config);
+        let resolver = Arc::new(SniResolver {
+            store: ArcSwap::from_pointee(store),
+        });
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Session tickets let returning clients resume without a full handshake.
+        if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
+            server.ticketer = ticketer;
+        }
+        Ok(Arc::new(TlsListener {
+            name: name.to_string(),
+            config: config.clone(),
+            resolver,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            stamps: Mutex::new(stamps),
+            events,
+        }))
+    }
+
+    /// Serves `store` to new handshakes from now on.
+    pub fn install(&self, store: CertStore) {
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = file_stamps(&self.config);
+        self.resolver.store.store(Arc::new(store));
+        tracing::info!(listener = %self.name, "TLS certificates reloaded");
+    }
+
+    /// Reloads the certificates if a certificate or key file changed since the last load.
+    /// A file that fails to load keeps the old certificates (the error is logged).
+    pub fn reload_if_changed(&self) {
+        let now = file_stamps(&self.config);
+        {
+            let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+            if *stamps == now {
+                return;
+            }
+            // Remember the new state even if it fails to load: a broken file is reported
+            // once, and retried when it changes again.
+            *stamps = now;
+        }
+        match CertStore::load(&self.config) {
+            Ok(store) => {
+                self.resolver.store.store(Arc::new(store));
+                tracing::info!(listener = %self.name, "certificate files changed; TLS certificates reloaded");
+                if let Some(events) = &self.events {
+                    events.record(
+                        "cert_reload",
+                        None,
+                        None,
+                        format!(
+                            "listener `{}`: certificate files changed; reloaded",
+                            self.name
+                        ),
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::error!(
+                    listener = %self.name, %error,
+                    "certificate files changed but cannot be loaded; the previous certificates stay in use"
+                );
+                if let Some(events) = &self.events {
+                    events.record(
+                        "cert_reload_failed",
+                        None,
+                        None,
+                        format!(
+                            "listener `{}`: {error}; the previous certificates stay in use",
+                            self.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs the TLS handshake on an accepted connection, bounded by the handshake timeout.
+    pub async fn accept(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        let timeout = self.config.handshake_timeout.0;
+        match tokio::time::timeout(timeout, self.acceptor.accept(stream)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake not finished within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Polls the certificate files every [`WATCH_INTERVAL`] until `stop` turns true.
+    pub async fn watch_files(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(WATCH_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let this = self.clone();
+            // File system calls block: keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+        }
+    }
+}
+
+fn file_stamps(config: &ListenerTlsConfig) -> Vec<Option<(SystemTime, u64)>> {
+    let stamp = |path: &PathBuf| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    config
+        .certs
+        .iter()
+        .flat_map(|c| [stamp(&c.get_ref().cert), stamp(&c.get_ref().key)])
+        .collect()
+}
+
+/// Loads CA certificates (PEM) to verify backends with. Errors name the file.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("bad CA file {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "CA file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(roots)
+}
+
+/// A rustls client config for connecting to backends: trusting the CA file `ca` (else the
+/// webpki roots), or nothing at all when `verify` is false; ALPN `alpn`.
+pub fn client_config(
+    ca: Option<&Path>,
+    verify: bool,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, String> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let mut config = if verify {
+        let roots = match ca {
+            Some(path) => load_roots(path)?,
+            None => RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+            .with_no_client_auth()
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `verify = false`: any certificate is accepted (handshake signatures are still checked).
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Serves one accepted connection of an `https` listener in its own task: TLS handshake
+/// (bounded), then HTTP/1.1 or HTTP/2 as ALPN chose, watched for graceful shutdown.
+pub(crate) fn serve_tls_connection(
+    tls: Arc<TlsListener>,
+    builder: Arc<AutoBuilder<TokioExecutor>>,
+    watcher: Watcher,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    (permit, stats): (OwnedSemaphorePermit, Arc<ListenerStats>),
+) {
+    let slot = Arc::new(crate::server::ConnectionSlot::new(permit, stats));
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(async move {
+        match tls.accept(stream).await {
+            Ok(stream) => {
+                let held = slot.clone();
+                let service =
+                    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                        // An upgraded (WebSocket) connection outlives hyper's: its tunnel keeps
+                        // the slot.
+                        if crate::proxy::upgrade::is_upgrade(&request) {
+                            request
+                                .extensions_mut()
+                                .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
+                        }
+                        let proxy = proxy.clone();
+                        async move { proxy.handle(request, client).await }
+                    });
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                if let Err(error) = watcher.watch(connection).await {
+                    tracing::debug!(%client, %error, "client connection ended with an error");
+                }
+            }
+            Err(error) => {
+                tracing::debug!(listener = %tls.name, %client, %error, "TLS handshake failed")
+            }
+        }
+        drop(slot);
+    });
+}
