@@ -15,7 +15,13 @@ fn ids(seed: u64, n: usize) -> Vec<String> {
     (0..n as u64)
         .map(|i| {
             let h = splitmix64(seed ^ splitmix64(i));
-            format!("10.{}.{}.{}:{}", (h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8, 1024 + (i % 60000))
+            format!(
+                "10.{}.{}.{}:{}",
+                (h >> 8) as u8,
+                (h >> 16) as u8,
+                (h >> 24) as u8,
+                1024 + (i % 60000)
+            )
         })
         .collect()
 }
