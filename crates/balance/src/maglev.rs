@@ -27,7 +27,7 @@ const MAX_WALK: usize = 64;
 /// With bounded loads, the pool-wide totals (an O(n) sum) are recomputed every this many
 /// picks that need them and read from a cache in between: a slightly stale average keeps the
 /// bound approximate, as it is under concurrency anyway, and the pick O(1) amortised.
-const LOAD_REFRESH: u32 = 16;
+const LOAD_REFRESH: u32 = 64;
 
 /// A built Maglev table.
 #[derive(Debug)]
