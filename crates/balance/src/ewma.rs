@@ -23,6 +23,8 @@ pub struct PeakEwma {
     stamp_ns: AtomicU64,
     /// Decay time constant in nanoseconds (at least 1).
     decay_ns: f64,
+    /// `1 / decay_ns`, so reads multiply instead of divide.
+    inv_decay: f64,
 }
 
 impl Default for PeakEwma {
@@ -34,10 +36,12 @@ impl Default for PeakEwma {
 impl PeakEwma {
     /// An empty estimate decaying with time constant `decay` (see [`DEFAULT_DECAY`]).
     pub fn new(decay: Duration) -> Self {
+        let decay_ns = (decay.as_nanos() as f64).max(1.0);
         PeakEwma {
             cost_bits: AtomicU64::new(0f64.to_bits()),
             stamp_ns: AtomicU64::new(0),
-            decay_ns: (decay.as_nanos() as f64).max(1.0),
+            decay_ns,
+            inv_decay: 1.0 / decay_ns,
         }
     }
 
@@ -59,7 +63,7 @@ impl PeakEwma {
             let next = if stamp == 0 || rtt > cost {
                 rtt
             } else {
-                let w = (-elapsed / self.decay_ns).exp();
+                let w = (-elapsed * self.inv_decay).exp();
                 cost * w + rtt * (1.0 - w)
             };
             match self.cost_bits.compare_exchange_weak(
@@ -82,8 +86,11 @@ impl PeakEwma {
             return 0;
         }
         let cost = f64::from_bits(self.cost_bits.load(Ordering::Acquire));
-        let elapsed = now_ns.saturating_sub(stamp) as f64;
-        ((cost * (-elapsed / self.decay_ns).exp()) as u64).max(1)
+        let elapsed = now_ns.saturating_sub(stamp);
+        if elapsed == 0 {
+            return (cost as u64).max(1);
+        }
+        ((cost * (-(elapsed as f64) * self.inv_decay).exp()) as u64).max(1)
     }
 
     /// Forgets everything: the backend is unknown again (e.g. after it recovered).

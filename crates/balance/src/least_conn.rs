@@ -28,8 +28,8 @@ impl Balancer for LeastConn {
         }
         let start = bounded(ctx.random, n);
         let mut best: Option<(usize, u32, u32)> = None;
-        for step in 0..n {
-            let index = (start + step) % n;
+        // From a random start to the end, then from the beginning (no division per step).
+        for index in (start..n).chain(0..start) {
             let candidate = &backends[index];
             if !ctx.usable(index, candidate) {
                 continue;

@@ -13,6 +13,8 @@
 //! slots, which belong to pseudo-randomly ordered backends, so the overflow of one backend is
 //! spread rather than dumped on a single neighbour.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use crate::{hash_bytes, Balancer, Candidate, PickContext};
 
 /// Seeds of the two independent hashes of a member id.
@@ -22,13 +24,22 @@ const SKIP_SEED: u64 = 0x6d61_676c_6576_736b; // "maglevsk"
 /// Table slots walked before falling back to a scan of the backends.
 const MAX_WALK: usize = 64;
 
+/// With bounded loads, the pool-wide totals (an O(n) sum) are recomputed every this many
+/// picks that need them and read from a cache in between: a slightly stale average keeps the
+/// bound approximate, as it is under concurrency anyway, and the pick O(1) amortised.
+const LOAD_REFRESH: u32 = 64;
+
 /// A built Maglev table.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Maglev {
     /// Slot → backend index.
     table: Vec<u32>,
     /// Bounded-load factor (> 1), if any.
     bounded_load: Option<f64>,
+    /// Cached pool totals for the bound: in-flight (high 32 bits) and weight (low 32 bits).
+    load_cache: AtomicU64,
+    /// Picks that consulted the cache (refresh every [`LOAD_REFRESH`]).
+    load_reads: AtomicU32,
 }
 
 /// Whether `n` is prime (trial division; table sizes are small).
@@ -123,6 +134,8 @@ impl Maglev {
         Maglev {
             table,
             bounded_load: bounded_load.filter(|c| c.is_finite() && *c >= 1.0),
+            load_cache: AtomicU64::new(0),
+            load_reads: AtomicU32::new(0),
         }
     }
 
@@ -145,6 +158,26 @@ struct Load {
 }
 
 impl Load {
+    /// Totals from the cache of `maglev`, refreshed every [`LOAD_REFRESH`] reads.
+    fn cached<C: Candidate>(maglev: &Maglev, backends: &[C], ctx: &PickContext<'_>) -> Load {
+        if maglev
+            .load_reads
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(LOAD_REFRESH)
+        {
+            let load = Load::of(backends, ctx);
+            let packed = (load.in_flight.min(u64::from(u32::MAX)) << 32)
+                | load.weight.min(u64::from(u32::MAX));
+            maglev.load_cache.store(packed, Ordering::Relaxed);
+            return load;
+        }
+        let packed = maglev.load_cache.load(Ordering::Relaxed);
+        Load {
+            in_flight: packed >> 32,
+            weight: packed & u64::from(u32::MAX),
+        }
+    }
+
     fn of<C: Candidate>(backends: &[C], ctx: &PickContext<'_>) -> Load {
         let mut load = Load {
             in_flight: 0,
@@ -184,7 +217,7 @@ impl Balancer for Maglev {
         let mut fits = |candidate: &C| match self.bounded_load {
             // Idle backends always fit: the common case needs no pool-wide sum.
             Some(factor) if candidate.in_flight() > 0 => load
-                .get_or_insert_with(|| Load::of(backends, ctx))
+                .get_or_insert_with(|| Load::cached(self, backends, ctx))
                 .admits(candidate, factor),
             _ => true,
         };

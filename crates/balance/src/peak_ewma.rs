@@ -20,25 +20,43 @@ pub struct PeakEwmaP2c;
 /// The cost of sending one more request to `candidate` at `now_ns`.
 #[inline]
 pub fn cost<C: Candidate>(candidate: &C, now_ns: u64) -> f64 {
-    let weight = candidate.weight();
-    if weight == 0 {
+    let (load, weight) = load_and_weight(candidate, now_ns);
+    if weight == 0.0 {
         return f64::INFINITY;
     }
+    load / weight
+}
+
+/// (latency × (in-flight + 1), weight): the cost as a fraction, so two costs compare by
+/// cross-multiplication without dividing.
+#[inline]
+fn load_and_weight<C: Candidate>(candidate: &C, now_ns: u64) -> (f64, f64) {
+    let weight = candidate.weight();
+    if weight == 0 {
+        return (1.0, 0.0);
+    }
     let in_flight = candidate.in_flight();
-    let latency = candidate.latency_ns(now_ns);
-    let latency = match (latency, in_flight) {
-        (0, 0) => return 0.0,
+    let latency = match (candidate.latency_ns(now_ns), in_flight) {
+        (0, 0) => return (0.0, f64::from(weight)),
         (0, _) => UNKNOWN_BUSY_COST,
         (latency, _) => latency as f64,
     };
-    latency * (f64::from(in_flight) + 1.0) / f64::from(weight)
+    (latency * (f64::from(in_flight) + 1.0), f64::from(weight))
+}
+
+/// Whether `b` is strictly cheaper than `a` at `now_ns`.
+#[inline]
+fn cheaper<C: Candidate>(b: &C, a: &C, now_ns: u64) -> bool {
+    let (load_a, weight_a) = load_and_weight(a, now_ns);
+    let (load_b, weight_b) = load_and_weight(b, now_ns);
+    load_b * weight_a < load_a * weight_b
 }
 
 impl Balancer for PeakEwmaP2c {
     fn pick<C: Candidate>(&self, backends: &[C], ctx: &PickContext<'_>) -> Option<usize> {
         if backends.len() > 2 {
             let now = ctx.now_ns;
-            if let Some(index) = pick_two(backends, ctx, |a, b| cost(b, now) < cost(a, now)) {
+            if let Some(index) = pick_two(backends, ctx, |a, b| cheaper(b, a, now)) {
                 return Some(index);
             }
         }

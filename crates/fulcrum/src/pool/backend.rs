@@ -232,7 +232,7 @@ impl BackendState {
         if self.slow_start_ns.load(Ordering::Relaxed) == 0 {
             return;
         }
-        self.ramp_start_ns.store(at_ns, Ordering::Relaxed);
+        self.ramp_start_ns.store(at_ns.max(1), Ordering::Relaxed);
         self.ramp_percent.store(
             fulcrum_balance::slow_start::SLOW_START_FLOOR_PERCENT,
             Ordering::Relaxed,
@@ -243,8 +243,14 @@ impl BackendState {
     /// The pool manager calls this on every housekeeping tick and rebuilds the selector when
     /// balancing weights moved.
     pub fn update_ramp(&self, now_ns: u64) -> bool {
-        let ramp = self.slow_start_ns.load(Ordering::Relaxed);
-        let elapsed = now_ns.saturating_sub(self.ramp_start_ns.load(Ordering::Relaxed));
+        let start = self.ramp_start_ns.load(Ordering::Relaxed);
+        // 0: never ramped (a backend present from the start takes its full weight at once).
+        let ramp = if start == 0 {
+            0
+        } else {
+            self.slow_start_ns.load(Ordering::Relaxed)
+        };
+        let elapsed = now_ns.saturating_sub(start);
         let percent = slow_start_percent(Duration::from_nanos(elapsed), Duration::from_nanos(ramp));
         self.ramp_percent.swap(percent, Ordering::Relaxed) != percent
     }
@@ -592,6 +598,11 @@ mod tests {
     fn slow_start_ramps_the_balancing_weight() {
         let backend = Backend::new("127.0.0.1:1".parse().unwrap(), 2);
         assert_eq!(backend.balancing_weight(), 200);
+        // A backend present from the start never ramps, even with slow start on.
+        backend.set_slow_start(Duration::from_secs(10));
+        assert!(!backend.update_ramp(1));
+        assert_eq!(backend.balancing_weight(), 200);
+        backend.set_slow_start(Duration::ZERO);
         // Off: a ramp request changes nothing.
         backend.begin_ramp(1);
         assert_eq!(backend.balancing_weight(), 200);
