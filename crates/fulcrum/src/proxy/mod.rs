@@ -6,6 +6,8 @@ pub mod body;
 pub mod headers;
 pub mod http;
 pub mod proxy_protocol;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod tcp;
 pub mod upgrade;
 pub mod upstream;

@@ -1,0 +1,61 @@
+//! Zero-copy relaying between two TCP sockets on Linux with splice(2): bytes go from one
+//! socket into a pipe and from the pipe into the other socket inside the kernel, never through
+//! a user-space buffer. Safe wrappers (nix) only; readiness comes from tokio.
+
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::unistd::pipe2;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Most bytes moved per splice call: the default pipe capacity (16 pages).
+const PIPE_CHUNK: usize = 64 * 1024;
+
+/// Moves bytes from `src` to `dst` until `src` ends (then shuts down `dst`'s write side),
+/// counting them into `local` and `shared`.
+pub async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    local: &AtomicU64,
+    shared: &AtomicU64,
+) -> io::Result<()> {
+    let (pipe_read, pipe_write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        // The pipe is empty here, so EAGAIN can only mean "src has nothing to read".
+        let filled = loop {
+            src.readable().await?;
+            match src.try_io(Interest::READABLE, || {
+                splice(src, None, &pipe_write, None, PIPE_CHUNK, flags).map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        };
+        if filled == 0 {
+            match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                Err(error) if error.kind() != io::ErrorKind::NotConnected => return Err(error),
+                _ => return Ok(()),
+            }
+        }
+        local.fetch_add(filled as u64, Ordering::Relaxed);
+        shared.fetch_add(filled as u64, Ordering::Relaxed);
+        // The pipe holds data here, so EAGAIN can only mean "dst cannot take more now".
+        let mut left = filled;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(&pipe_read, None, dst, None, left, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => left -= n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
