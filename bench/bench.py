@@ -821,8 +821,11 @@ def https(ctx):
     for kind in available(ctx):
         error = fulcrum_check(ctx, protocol="https") if kind == "fulcrum" else None
         if error:
-            skipped[kind] = f"this Fulcrum has no TLS listener yet (fulcrum check: {error})"
-            log(f"  [https] fulcrum: skipped: this Fulcrum has no TLS listener yet")
+            # An unknown `https` variant (or `tls` key) means TLS termination is not built in.
+            why = ("this Fulcrum has no TLS listener yet" if re.search(r"https|`tls`", error)
+                   else "fulcrum check refused the https config")
+            skipped[kind] = f"{why} (fulcrum check: {error})"
+            log(f"  [https] fulcrum: skipped: {why}")
         else:
             kinds.append(kind)
     backends = Backends(ctx.binary, ctx.backend_cpus, [0, 0, 0])
@@ -1301,7 +1304,7 @@ def targets(results):
         if "skipped_all" in t:
             return "—", f"skipped: {t['skipped_all']}"
         if "fulcrum" not in t:
-            return "—", "skipped: this Fulcrum has no TLS listener yet"
+            return "—", "skipped: " + t["skipped"].get("fulcrum", "fulcrum not run").split(" (")[0]
         parts = [f"{t['fulcrum']['cpu_us'] / t[p]['cpu_us']:.2f}× {p}"
                  for p in ("haproxy", "nginx") if p in t]
         return f"{t['fulcrum']['cpu_us']:.1f} µs ({', '.join(parts)})", "reported"
