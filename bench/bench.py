@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALANCERS = ("fulcrum", "haproxy", "nginx")
 BASELINE = "fulcrum, all healthy"  # the slow scenario's baseline row
+SCENARIOS = ("healthy", "slow", "idle", "scaling", "openloop", "tcp", "bulk", "https")
 CHILDREN = []  # every process we started, stopped by pid at exit
 
 
@@ -112,20 +114,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def http_get(address, path="/", timeout=2.0):
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-        f"http://{address}{path}", timeout=timeout
+def http_get(address, path="/", timeout=2.0, scheme="http"):
+    handlers = [urllib.request.ProxyHandler({})]
+    if scheme == "https":  # the bench's self-signed certificate
+        handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+    with urllib.request.build_opener(*handlers).open(
+        f"{scheme}://{address}{path}", timeout=timeout
     ) as response:
         return response.status, response.read()
 
 
-def wait_http(address, what, timeout=20):
+def wait_http(address, what, timeout=20, scheme="http"):
     """Waits until a GET through `address` answers 200 (readiness, bounded)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            status, _ = http_get(address)
+            status, _ = http_get(address, scheme=scheme)
             if status == 200:
                 return
             last = f"status {status}"
@@ -225,8 +230,9 @@ class Backends:
 
 
 class Balancer:
-    def __init__(self, kind, proc, address, algorithm):
+    def __init__(self, kind, proc, address, algorithm, scheme="http"):
         self.kind, self.proc, self.address, self.algorithm = kind, proc, address, algorithm
+        self.scheme = scheme  # what wrk speaks to it: http (also through TCP mode) or https
 
     def pids(self):
         return process_tree(self.proc.pid)
@@ -242,39 +248,65 @@ ALGORITHMS = {
 }
 
 
-def fulcrum_config(backends, algorithm, workers, max_connections):
+def fulcrum_config(backends, algorithm, workers, max_connections, protocol="http", tls=None):
+    """`protocol`: "http", "tcp" (L4 mode) or "https" (TLS termination with `tls` =
+    (cert PEM path, key PEM path))."""
     listed = ", ".join(f'"{a}"' for a in backends)
-    return (
+    config = (
         f"[server]\nworkers = {workers}\n\n"
         f'[admin]\nlisten = "127.0.0.1:0"\n\n'
-        f'[listeners.web]\nlisten = "127.0.0.1:0"\nprotocol = "http"\npool = "app"\n'
+        f'[listeners.web]\nlisten = "127.0.0.1:0"\nprotocol = "{protocol}"\npool = "app"\n'
         f"max_connections = {max_connections}\n\n"
-        f'[pools.app]\nalgorithm = "{algorithm}"\nbackends = [{listed}]\n'
     )
+    if protocol == "https":
+        config += f'[[listeners.web.tls.certs]]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n\n'
+    return config + f'[pools.app]\nalgorithm = "{algorithm}"\nbackends = [{listed}]\n'
 
 
-def start_fulcrum(ctx, backends, algorithm, workers=1, cpus=None, max_connections=20000):
-    path = os.path.join(ctx.tmp, f"fulcrum-{algorithm}-{workers}.toml")
+def start_fulcrum(ctx, backends, algorithm, workers=1, cpus=None, max_connections=20000,
+                  protocol="http"):
+    path = os.path.join(ctx.tmp, f"fulcrum-{protocol}-{algorithm}-{workers}.toml")
     with open(path, "w") as f:
-        f.write(fulcrum_config(backends, algorithm, workers, max_connections))
+        f.write(fulcrum_config(backends, algorithm, workers, max_connections, protocol,
+                               getattr(ctx, "cert", None)))
     err = open(os.path.join(ctx.tmp, "fulcrum.log"), "a")
     proc = start([ctx.binary, "run", "--config", path], cpus=cpus or ctx.balancer_cpu, stderr=err)
-    match = read_line_matching(proc, r"listening web http://(\S+)", "fulcrum")
-    wait_http(match.group(1), "fulcrum")
-    return Balancer("fulcrum", proc, match.group(1), algorithm)
+    # The scheme printed for a tcp listener differs between versions: accept any.
+    match = read_line_matching(proc, r"listening web \w+://(\S+)", "fulcrum")
+    scheme = "https" if protocol == "https" else "http"
+    if protocol == "tcp":
+        wait_ready(ctx, match.group(1), backends, "fulcrum tcp")
+    else:
+        wait_http(match.group(1), "fulcrum", scheme=scheme)
+    return Balancer("fulcrum", proc, match.group(1), algorithm, scheme)
+
+
+def fulcrum_check(ctx, algorithm="round_robin", protocol="http"):
+    """None when `fulcrum check` accepts the config, else its first error line (peak_ewma,
+    `tcp` and `https` listeners may not exist in the binary under test)."""
+    path = os.path.join(ctx.tmp, f"check-{protocol}-{algorithm}.toml")
+    with open(path, "w") as f:
+        f.write(fulcrum_config(["127.0.0.1:1"], algorithm, 1, 10000, protocol,
+                               getattr(ctx, "cert", None)))
+    result = subprocess.run([ctx.binary, "check", "--config", path], capture_output=True,
+                            text=True)
+    if result.returncode == 0:
+        return None
+    lines = (result.stderr + result.stdout).strip().splitlines()
+    if not lines:
+        return f"exit status {result.returncode}"
+    return re.sub(r"^(error: )?\S+\.toml:\d+:\d+: ", "", lines[0])  # the temporary file name
 
 
 def fulcrum_accepts(ctx, algorithm):
     """Whether `fulcrum check` accepts `algorithm` (peak_ewma may not exist yet)."""
-    path = os.path.join(ctx.tmp, f"check-{algorithm}.toml")
-    with open(path, "w") as f:
-        f.write(fulcrum_config(["127.0.0.1:1"], algorithm, 1, 10000))
-    result = subprocess.run([ctx.binary, "check", "--config", path], capture_output=True)
-    return result.returncode == 0
+    return fulcrum_check(ctx, algorithm) is None
 
 
-def start_haproxy(ctx, backends, algorithm):
+def start_haproxy(ctx, backends, algorithm, protocol="http"):
     port = free_port()
+    tls = protocol == "https"
+    bind = f" ssl crt {ctx.cert_bundle}" if tls else ""
     servers = "\n".join(f"    server b{i + 1} {a}" for i, a in enumerate(backends))
     # HAProxy reserves 2 descriptors per maxconn and refuses to start when it cannot raise the
     # limit that far (on a machine without CAP_SYS_RESOURCE the hard limit may be 20 000);
@@ -295,27 +327,30 @@ defaults
     http-reuse always
 
 frontend web
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{bind}
     default_backend app
 
 backend app
     balance {algorithm}
     option forwardfor
-    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Proto {"https" if tls else "http"}
 {servers}
 """
-    path = os.path.join(ctx.tmp, f"haproxy-{algorithm}.cfg")
+    path = os.path.join(ctx.tmp, f"haproxy-{protocol}-{algorithm}.cfg")
     with open(path, "w") as f:
         f.write(config)
     err = open(os.path.join(ctx.tmp, "haproxy.log"), "a")
     proc = start(["haproxy", "-db", "-f", path], cpus=ctx.balancer_cpu, stdout=err, stderr=err)
     address = f"127.0.0.1:{port}"
-    wait_http(address, "haproxy")
-    return Balancer("haproxy", proc, address, algorithm)
+    wait_http(address, "haproxy", scheme=protocol)
+    return Balancer("haproxy", proc, address, algorithm, protocol)
 
 
-def start_nginx(ctx, backends, algorithm):
+def start_nginx(ctx, backends, algorithm, protocol="http"):
     port = free_port()
+    tls = protocol == "https"
+    listen = (f"{port} ssl;\n        ssl_certificate {ctx.cert[0]};\n"
+              f"        ssl_certificate_key {ctx.cert[1]}") if tls else f"{port}"
     prefix = tempfile.mkdtemp(prefix="nginx-", dir=ctx.tmp)
     servers = "\n".join(f"        server {a};" for a in backends)
     method = "" if algorithm == "round_robin" else f"        {algorithm};\n"
@@ -342,7 +377,7 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{listen};
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -361,13 +396,148 @@ http {{
     proc = start(["nginx", "-p", prefix, "-e", f"{prefix}/error.log", "-c", path], cpus=ctx.balancer_cpu,
                  stdout=subprocess.DEVNULL, stderr=open(os.path.join(prefix, "stderr.log"), "w"))
     address = f"127.0.0.1:{port}"
-    wait_http(address, "nginx")
+    wait_http(address, "nginx", scheme=protocol)
+    return Balancer("nginx", proc, address, algorithm, protocol)
+
+
+# TCP (L4) mode: the balancer relays bytes; wrk still speaks HTTP to the HTTP backends behind
+# it (one backend per client connection, for the connection's life), and the bulk scenario
+# puts a `fulcrum backend --tcp-echo` behind it.
+
+
+def backends_speak_http(ctx, backends):
+    return not any(a in getattr(ctx, "echo_addresses", ()) for a in backends)
+
+
+def wait_ready(ctx, address, backends, what):
+    if backends_speak_http(ctx, backends):
+        wait_http(address, what)
+    else:
+        wait_echo(address, what)
+
+
+def wait_echo(address, what, timeout=20):
+    """Waits until a few bytes sent through `address` come back (TCP echo; bounded)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2) as s:
+                s.sendall(b"ping")
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while len(got) < 4:
+                    chunk = s.recv(4 - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+                if got == b"ping":
+                    return
+                last = f"echoed {got!r}"
+        except OSError as error:
+            last = error
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} on {address} does not echo: {last}")
+
+
+def start_fulcrum_tcp(ctx, backends, algorithm):
+    return start_fulcrum(ctx, backends, algorithm, protocol="tcp")
+
+
+def start_haproxy_tcp(ctx, backends, algorithm):
+    port = free_port()
+    servers = "\n".join(f"    server b{i + 1} {a}" for i, a in enumerate(backends))
+    config = f"""global
+    nbthread 1
+    maxconn 20000
+    no strict-limits
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+
+frontend l4
+    bind 127.0.0.1:{port}
+    default_backend app
+
+backend app
+    balance {algorithm}
+{servers}
+"""
+    path = os.path.join(ctx.tmp, f"haproxy-tcp-{algorithm}-{port}.cfg")
+    with open(path, "w") as f:
+        f.write(config)
+    err = open(os.path.join(ctx.tmp, "haproxy.log"), "a")
+    proc = start(["haproxy", "-db", "-f", path], cpus=ctx.balancer_cpu, stdout=err, stderr=err)
+    address = f"127.0.0.1:{port}"
+    wait_ready(ctx, address, backends, "haproxy mode tcp")
+    return Balancer("haproxy", proc, address, algorithm)
+
+
+def nginx_stream():
+    """How this nginx gets its `stream {}` module: ("", None) when built in, ("load_module
+    ...;", None) when the dynamic module is installed, (None, reason) when it is missing."""
+    if shutil.which("nginx") is None:
+        return None, "nginx not installed"
+    flags = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+    if re.search(r"--with-stream(\s|$)", flags):
+        return "", None
+    if "--with-stream=dynamic" in flags:
+        for directory in ("/usr/lib/nginx/modules", "/usr/share/nginx/modules"):
+            module = os.path.join(directory, "ngx_stream_module.so")
+            if os.path.exists(module):
+                return f"load_module {module};\n", None
+    return None, ("no stream module in this nginx (nginx-light); "
+                  "apt-get install libnginx-mod-stream")
+
+
+def start_nginx_stream(ctx, backends, algorithm):
+    port = free_port()
+    prefix = tempfile.mkdtemp(prefix="nginx-stream-", dir=ctx.tmp)
+    load, _ = nginx_stream()
+    servers = "\n".join(f"        server {a};" for a in backends)
+    method = "" if algorithm == "round_robin" else f"        {algorithm};\n"
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    config = f"""{load}worker_processes 1;
+worker_rlimit_nofile {nofile};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log error;
+events {{
+    worker_connections {nofile - 100};
+}}
+stream {{
+    upstream app {{
+{method}{servers}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        proxy_pass app;
+        proxy_timeout 60s;
+    }}
+}}
+"""
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(config)
+    proc = start(["nginx", "-p", prefix, "-e", f"{prefix}/error.log", "-c", path], cpus=ctx.balancer_cpu,
+                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(prefix, "stderr.log"), "w"))
+    address = f"127.0.0.1:{port}"
+    wait_ready(ctx, address, backends, "nginx stream")
     return Balancer("nginx", proc, address, algorithm)
 
 
-def start_balancer(ctx, kind, backends, algorithm):
+def start_balancer(ctx, kind, backends, algorithm, protocol="http"):
+    """`protocol`: "http" (L7), "https" (TLS termination, then HTTP) or "tcp" (L4 relay)."""
+    if protocol == "tcp":
+        starter = {"fulcrum": start_fulcrum_tcp, "haproxy": start_haproxy_tcp,
+                   "nginx": start_nginx_stream}[kind]
+        return starter(ctx, backends, algorithm)
     starter = {"fulcrum": start_fulcrum, "haproxy": start_haproxy, "nginx": start_nginx}[kind]
-    return starter(ctx, backends, algorithm)
+    return starter(ctx, backends, algorithm, protocol=protocol)
 
 
 # ---------------------------------------------------------------- load generator
@@ -381,10 +551,10 @@ def parse_ms(text):
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def run_wrk(ctx, address, connections, seconds, path="/"):
+def run_wrk(ctx, address, connections, seconds, path="/", scheme="http"):
     argv = ["taskset", "-c", ctx.client_cpus, "wrk", f"-t{ctx.client_threads}",
             f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
-            f"http://{address}{path}"]
+            f"{scheme}://{address}{path}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     out = done.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -412,7 +582,7 @@ def measure(ctx, balancer, backends, connections, seconds):
     pids = balancer.pids()
     before_stats = backends.stats()
     cpu0 = cpu_seconds(pids)
-    result = run_wrk(ctx, balancer.address, connections, seconds)
+    result = run_wrk(ctx, balancer.address, connections, seconds, scheme=balancer.scheme)
     cpu1 = cpu_seconds(pids)
     after_stats = backends.stats()
     served = max(result["requests"], 1)
@@ -441,19 +611,23 @@ def available(ctx):
     return [b for b in BALANCERS if b in ctx.balancers]
 
 
-def interleaved(ctx, backends, algorithms, connections, label, extra=()):
+def interleaved(ctx, backends, algorithms, connections, label, extra=(), protocol="http",
+                kinds=None):
     """Starts the balancers, warms each up, runs them interleaved; returns name -> medians.
 
     `extra`: more entries `(name, kind, backends, algorithm)` run in the same rounds (e.g. a
-    baseline on other backends)."""
-    entries = [(kind, kind, backends, algorithms[kind]) for kind in available(ctx)]
+    baseline on other backends). `protocol`: how the balancers listen (see start_balancer);
+    `kinds`: the balancers to run (default: all installed)."""
+    entries = [(kind, kind, backends, algorithms[kind])
+               for kind in (available(ctx) if kinds is None else kinds)]
     entries += list(extra)
     started = {}
     try:
         for name, kind, their_backends, algorithm in entries:
-            balancer = start_balancer(ctx, kind, their_backends.addresses, algorithm)
+            balancer = start_balancer(ctx, kind, their_backends.addresses, algorithm, protocol)
             started[name] = (balancer, their_backends)
-            run_wrk(ctx, balancer.address, connections, 1)  # warm-up: connections, caches
+            # warm-up: connections, caches (and TLS handshakes)
+            run_wrk(ctx, balancer.address, connections, 1, scheme=balancer.scheme)
         runs = {name: [] for name in started}
         for round_no in range(ctx.rounds):
             for name, (balancer, their_backends) in started.items():
@@ -461,7 +635,7 @@ def interleaved(ctx, backends, algorithms, connections, label, extra=()):
                 log(f"  [{label}] round {round_no + 1}/{ctx.rounds} {name:8} "
                     f"{r['rps']:9.0f} req/s p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms "
                     f"cpu {r['cpu_us']:.1f} us/req ({100 * r['cpu_util']:.0f}% of a core)"
-                    + (f" reuse {r['reuse']:.2f}%" if "reuse" in r else "")
+                    + (f" reuse {r['reuse']:.2f}%" if "reuse" in r and protocol != "tcp" else "")
                     + (f" errors {r['errors']}" if r["errors"] else ""))
                 runs[name].append(r)
     finally:
@@ -518,6 +692,152 @@ def idle_rss(ctx, backends, count):
     return results
 
 
+def tcp_unsupported(ctx, kind):
+    """Why `kind` cannot run in TCP (L4) mode here, or None."""
+    if kind == "fulcrum":
+        error = fulcrum_check(ctx, protocol="tcp")
+        return None if error is None else f"this Fulcrum has no TCP mode (fulcrum check: {error})"
+    if kind == "nginx":
+        return nginx_stream()[1]
+    return None
+
+
+def tcp_mode(ctx, backends):
+    """TCP mode, same load as `healthy`: wrk -c64 keep-alive HTTP through an L4 relay (each
+    client connection is one session on one backend). Fulcrum `protocol = "tcp"`, HAProxy
+    `mode tcp`, nginx `stream {}`."""
+    kinds, skipped = [], {}
+    for kind in available(ctx):
+        why = tcp_unsupported(ctx, kind)
+        if why:
+            skipped[kind] = why
+            log(f"  [tcp] {kind}: skipped: {why}")
+        else:
+            kinds.append(kind)
+    medians = interleaved(ctx, backends, ALGORITHMS["rr"], 64, "tcp", protocol="tcp",
+                          kinds=kinds)
+    medians["skipped"] = skipped
+    return medians
+
+
+GIB = 1 << 30
+
+
+def run_bulk(ctx, address, size, verify=False):
+    argv = [sys.executable, os.path.join(ROOT, "bench", "bulk.py"), address, str(size)]
+    if verify:
+        argv.append("--verify")
+    done = subprocess.run(["taskset", "-c", ctx.client_cpus] + argv, capture_output=True,
+                          text=True, timeout=600)
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"bulk.py through {address} failed: {done.stdout}{done.stderr}")
+    if not result["ok"]:
+        raise RuntimeError(f"bulk transfer through {address}: {result['error']}")
+    return result
+
+
+def bulk(ctx, size):
+    """TCP mode, bulk: `size` bytes echoed back by a `fulcrum backend --tcp-echo`, direct and
+    through each balancer in TCP mode; throughput = size / time (the bytes also travel back:
+    2 × size cross the balancer)."""
+    if ctx.no_tcp_echo:
+        return {"skipped_all": ctx.no_tcp_echo}
+    echo = start([ctx.binary, "backend", "--listen", "127.0.0.1:0", "--name", "echo",
+                  "--workers", "1", "--tcp-echo"], cpus=ctx.backend_cpus,
+                 stderr=subprocess.DEVNULL)
+    address = read_line_matching(echo, r"listening backend tcp://(\S+)", "tcp echo").group(1)
+    ctx.echo_addresses = [address]
+    wait_echo(address, "tcp echo backend")
+    started, skipped = {"direct": None}, {}
+    out = {}
+    try:
+        for kind in available(ctx):
+            why = tcp_unsupported(ctx, kind)
+            if why:
+                skipped[kind] = why
+                log(f"  [bulk] {kind}: skipped: {why}")
+                continue
+            started[kind] = start_balancer(ctx, kind, [address], "roundrobin" if kind ==
+                                           "haproxy" else "round_robin", "tcp")
+        for name, balancer in started.items():  # warm-up, and the bytes are checked
+            run_bulk(ctx, balancer.address if balancer else address, 64 << 20, verify=True)
+        runs = {name: [] for name in started}
+        for round_no in range(ctx.rounds):
+            for name, balancer in started.items():
+                pids = balancer.pids() if balancer else []
+                cpu0 = cpu_seconds(pids)
+                r = run_bulk(ctx, balancer.address if balancer else address, size)
+                cpu = cpu_seconds(pids) - cpu0
+                gib = r["bytes"] / GIB
+                r["gib_s"] = gib / r["seconds"]
+                r["cpu_s_per_gib"] = cpu / gib if balancer else None
+                log(f"  [bulk] round {round_no + 1}/{ctx.rounds} {name:8} {r['gib_s']:.2f} GiB/s"
+                    f" ({r['seconds']:.2f} s)" + (f", balancer CPU {cpu:.2f} s" if balancer
+                                                   else ""))
+                runs[name].append(r)
+        for name, rs in runs.items():
+            out[name] = {key: median_of(rs, key) for key in ("gib_s", "seconds", "cpu_s_per_gib")}
+    finally:
+        for balancer in started.values():
+            if balancer:
+                balancer.stop()
+        stop(echo)
+        ctx.echo_addresses = []
+    out["skipped"] = skipped
+    out["size"] = size
+    return out
+
+
+def make_cert(ctx):
+    """A self-signed ECDSA P-256 certificate for localhost / 127.0.0.1 (openssl CLI), or None
+    with the reason."""
+    if shutil.which("openssl") is None:
+        return "openssl CLI not installed (only the bench needs it): apt-get install openssl"
+    cert, key = os.path.join(ctx.tmp, "cert.pem"), os.path.join(ctx.tmp, "key.pem")
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "7", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"openssl could not make a certificate: {done.stderr.strip()}"
+    ctx.cert = (cert, key)
+    ctx.cert_bundle = os.path.join(ctx.tmp, "cert+key.pem")  # HAProxy wants both in one file
+    with open(ctx.cert_bundle, "w") as f:
+        f.write(open(cert).read() + open(key).read())
+    return None
+
+
+def https(ctx):
+    """TLS termination, same load as `healthy`: wrk -c64 over HTTPS (keep-alive, so the
+    handshakes happen in the warm-up; the rounds measure record encryption + proxying)."""
+    why = make_cert(ctx)
+    if why:
+        log(f"scenario https: skipped: {why}")
+        return {"skipped_all": why}
+    kinds, skipped = [], {}
+    for kind in available(ctx):
+        error = fulcrum_check(ctx, protocol="https") if kind == "fulcrum" else None
+        if error:
+            # An unknown `https` variant (or `tls` key) means TLS termination is not built in.
+            why = ("this Fulcrum has no TLS listener yet" if re.search(r"https|`tls`", error)
+                   else "fulcrum check refused the https config")
+            skipped[kind] = f"{why} (fulcrum check: {error})"
+            log(f"  [https] fulcrum: skipped: {why}")
+        else:
+            kinds.append(kind)
+    backends = Backends(ctx.binary, ctx.backend_cpus, [0, 0, 0])
+    try:
+        medians = interleaved(ctx, backends, ALGORITHMS["rr"], 64, "https", protocol="https",
+                              kinds=kinds)
+    finally:
+        backends.stop()
+    medians["skipped"] = skipped
+    return medians
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -534,10 +854,12 @@ def print_main_table(title, medians, cols):
     header = ["balancer", "algorithm"] + [c[0] for c in cols]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    skipped = medians.get("skipped", {})
     for kind in BALANCERS + (BASELINE,):
         if kind not in medians:
             if kind != BASELINE:
-                print(f"| {kind} | skipped: {kind} not installed |" + " |" * (len(header) - 2))
+                why = skipped.get(kind, f"{kind} not installed")
+                print(f"| {kind} | skipped: {why} |" + " |" * (len(header) - 2))
             continue
         m = medians[kind]
         print(f"| {kind} | {m['algorithm']} | "
@@ -574,16 +896,21 @@ INSTALL = {
     "nginx": "apt-get install nginx-light",
     "oha": "cargo install oha   (takes several minutes to build)",
     "taskset": "apt-get install util-linux",
+    "openssl": "apt-get install openssl   (the CLI makes the https scenario's certificate)",
 }
 
 
 def check_tools():
     missing = {}
-    for tool in ("wrk", "haproxy", "nginx", "oha", "taskset"):
+    for tool in ("wrk", "haproxy", "nginx", "oha", "taskset", "openssl"):
         if shutil.which(tool) is None:
             missing[tool] = INSTALL[tool]
     for tool, how in missing.items():
         log(f"missing: {tool} — install with: {how}")
+    if "nginx" not in missing:
+        _, why = nginx_stream()
+        if why:
+            log(f"missing: nginx stream module (TCP-mode rows) — {why}")
     return missing
 
 
@@ -609,10 +936,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 s per run, 1 round")
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
-    parser.add_argument("--scenarios", default="healthy,slow,idle,scaling,openloop",
-                        help="comma list of: healthy, slow, idle, scaling, openloop")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma list of: {', '.join(SCENARIOS)}")
     parser.add_argument("--idle-connections", type=int, default=10000)
+    parser.add_argument("--bulk-bytes", type=int, default=GIB,
+                        help="bytes echoed in the TCP bulk scenario (1 GiB)")
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    parser.add_argument("--fulcrum-bin", metavar="PATH",
+                        help="run this fulcrum binary (for the balancer and the backends) "
+                             "instead of building target/release/fulcrum")
     parser.add_argument("--balancer-cpu", help="core of the balancer (0)")
     parser.add_argument("--client-cpus", help="cores of wrk (1 on 2 CPUs)")
     parser.add_argument("--backend-cpus", help="cores of the 3 backends (1)")
@@ -621,7 +953,7 @@ def main():
     if args.quick:
         args.duration, args.rounds = 3, 1
     scenarios = set(args.scenarios.split(","))
-    known = {"healthy", "slow", "idle", "scaling", "openloop"}
+    known = set(SCENARIOS)
     if not scenarios <= known:
         parser.error(f"unknown scenario(s) {', '.join(sorted(scenarios - known))}; "
                      f"known: {', '.join(sorted(known))}")
@@ -632,7 +964,11 @@ def main():
 
     binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
                           "release", "fulcrum")
-    if not args.no_build:
+    if args.fulcrum_bin:
+        binary = os.path.abspath(args.fulcrum_bin)
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"--fulcrum-bin {binary}: not an executable file")
+    elif not args.no_build:
         log("building fulcrum (release)...")
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "fulcrum"], cwd=ROOT,
                        check=True)
@@ -658,6 +994,11 @@ def main():
     ctx.idle_connections = args.idle_connections
     (ctx.balancer_cpu, ctx.client_cpus, ctx.backend_cpus, ctx.client_threads) = cpu_layout(args)
     ctx.balancers = [b for b in BALANCERS if b not in missing]
+    ctx.echo_addresses = []
+    backend_help = subprocess.run([binary, "backend", "--help"], capture_output=True,
+                                  text=True).stdout
+    ctx.no_tcp_echo = (None if "--tcp-echo" in backend_help
+                       else "this Fulcrum's demo backend has no --tcp-echo (no TCP mode)")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
@@ -702,6 +1043,19 @@ def main():
             results["scaling"] = scaling(ctx)
         if "openloop" in scenarios:
             results["openloop"] = openloop(ctx, results.get("healthy"), missing)
+        if "tcp" in scenarios:
+            backends = Backends(binary, ctx.backend_cpus, [0, 0, 0])
+            try:
+                log("scenario tcp: TCP (L4) mode, 3 HTTP backends, wrk -c64, round robin")
+                results["tcp"] = tcp_mode(ctx, backends)
+            finally:
+                backends.stop()
+        if "bulk" in scenarios:
+            log(f"scenario bulk: {args.bulk_bytes} bytes echoed through TCP mode vs direct")
+            results["bulk"] = bulk(ctx, args.bulk_bytes)
+        if "https" in scenarios:
+            log("scenario https: TLS termination, 3 backends, wrk -c64, round robin")
+            results["https"] = https(ctx)
     finally:
         stop_all()
 
@@ -767,7 +1121,10 @@ def report(ctx, args, results, started_at):
     print(f"\n## Fulcrum vs HAProxy vs nginx — {started_at}\n")
     rev = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                          capture_output=True, text=True).stdout.strip()
-    print(f"- fulcrum: {rev or 'unknown revision'} (release build)")
+    if args.fulcrum_bin:
+        print(f"- fulcrum: {ctx.binary} (--fulcrum-bin)")
+    else:
+        print(f"- fulcrum: {rev or 'unknown revision'} (release build)")
     print(f"- machine: {machine_line()}")
     print(f"- pinning: balancer on CPU {ctx.balancer_cpu} (one worker), wrk -t{ctx.client_threads} "
           f"on CPUs {ctx.client_cpus}, 3 `fulcrum backend` on CPUs {ctx.backend_cpus}")
@@ -809,6 +1166,36 @@ def report(ctx, args, results, started_at):
             else:
                 print(f"| {kind} | {r['rss_before'] / 1024:.1f} MiB | {r['rss'] / 1024:.1f} MiB"
                       f" ({r['held']} held) | {r['per_conn']:.2f} |")
+    cols_l4 = [("req/s", "rps", ".0f", ""), ("p50 ms", "p50", ".2f", ""),
+               ("p99 ms", "p99", ".2f", ""), ("CPU µs/req", "cpu_us", ".1f", ""),
+               ("core busy", "cpu_util", ".0%", "")]
+    if "tcp" in results:
+        print_main_table("(e) TCP (L4) mode, 3 HTTP backends, wrk -c64 keep-alive "
+                         "(Fulcrum `protocol = \"tcp\"`, HAProxy `mode tcp`, nginx `stream`)",
+                         results["tcp"], cols_l4)
+    if "bulk" in results:
+        b = results["bulk"]
+        if "skipped_all" in b:
+            print(f"\n### (f) TCP mode, bulk transfer\n\nskipped: {b['skipped_all']}")
+        else:
+            print(f"\n### (f) TCP mode, {b['size'] / GIB:g} GiB echoed back (one connection; "
+                  f"`fulcrum backend --tcp-echo`, `bench/bulk.py`)\n")
+            print("| path | GiB/s (payload, each way) | ÷ direct | balancer CPU s/GiB |")
+            print("|---|---|---|---|")
+            direct = b.get("direct", {}).get("gib_s")
+            for name in ("direct",) + BALANCERS:
+                if name in b:
+                    r = b[name]
+                    print(f"| {name} | {fmt(r['gib_s'], '.2f')} | {ratio(r['gib_s'], direct)} | "
+                          f"{fmt(r['cpu_s_per_gib'], '.2f')} |")
+                elif name in b["skipped"]:
+                    print(f"| {name} | skipped: {b['skipped'][name]} | | |")
+    if "https" in results:
+        if "skipped_all" in results["https"]:
+            print(f"\n### (g) HTTPS\n\nskipped: {results['https']['skipped_all']}")
+        else:
+            print_main_table("(g) HTTPS (TLS termination, ECDSA P-256 self-signed), 3 backends, "
+                             "wrk -c64 keep-alive", results["https"], cols_healthy)
     targets(results)
 
 
@@ -883,6 +1270,45 @@ def targets(results):
         r = sc[2] / sc[1]
         return f"{r:.2f}×", "met" if r >= 1.7 else "not met"
 
+    def tcp_row():
+        t = results.get("tcp")
+        if not t:
+            return "—", "not run"
+        if "fulcrum" not in t:
+            return "—", "skipped: " + t["skipped"].get("fulcrum", "fulcrum not run")
+        if "haproxy" not in t:
+            return f"{t['fulcrum']['cpu_us']:.1f} µs", "no HAProxy to compare"
+        r = t["fulcrum"]["cpu_us"] / t["haproxy"]["cpu_us"]
+        text = f"{r:.2f}× HAProxy mode tcp ({t['fulcrum']['cpu_us']:.1f} vs " \
+               f"{t['haproxy']['cpu_us']:.1f} µs)"
+        return text, "met" if r <= 1.0 else "not met"
+
+    def bulk_row():
+        b = results.get("bulk")
+        if not b:
+            return "—", "not run"
+        if "skipped_all" in b:
+            return "—", f"skipped: {b['skipped_all']}"
+        if "fulcrum" not in b:
+            return "—", "skipped: " + b["skipped"].get("fulcrum", "fulcrum not run")
+        r = b["fulcrum"]["gib_s"] / b["direct"]["gib_s"]
+        text = f"{r:.2f}× direct ({b['fulcrum']['gib_s']:.2f} vs {b['direct']['gib_s']:.2f} GiB/s)"
+        if "haproxy" in b:
+            text += f"; HAProxy {b['haproxy']['gib_s'] / b['direct']['gib_s']:.2f}×"
+        return text, "met" if r >= 0.9 else "not met"
+
+    def https_row():
+        t = results.get("https")
+        if not t:
+            return "—", "not run"
+        if "skipped_all" in t:
+            return "—", f"skipped: {t['skipped_all']}"
+        if "fulcrum" not in t:
+            return "—", "skipped: " + t["skipped"].get("fulcrum", "fulcrum not run").split(" (")[0]
+        parts = [f"{t['fulcrum']['cpu_us'] / t[p]['cpu_us']:.2f}× {p}"
+                 for p in ("haproxy", "nginx") if p in t]
+        return f"{t['fulcrum']['cpu_us']:.1f} µs ({', '.join(parts)})", "reported"
+
     def issue3_row():
         sf = s.get("fulcrum")
         if not sf:
@@ -895,16 +1321,18 @@ def targets(results):
         ("HTTP keep-alive, 3 backends, wrk -c64: CPU µs/req", "≤ 0.85 × each peer", cpu_row()),
         ("same: req/s", "≥ 1.1 × better peer", rps_row()),
         ("same, open loop at 70% of HAProxy's peak: p99", "≤ HAProxy's", openloop_row()),
-        ("TCP mode: CPU µs/req", "≤ HAProxy mode tcp", ("—", "not yet (TCP mode not built)")),
-        ("TCP mode, 1 GiB bulk: throughput", "≥ 0.9 × direct", ("—", "not yet (TCP mode not built)")),
+        ("TCP mode, same load: CPU µs/req", "≤ HAProxy mode tcp", tcp_row()),
+        ("TCP mode, 1 GiB bulk: throughput", "≥ 0.9 × direct", bulk_row()),
         ("10 000 idle keep-alive connections: RSS", "≤ HAProxy, ≤ 10 KiB/conn", rss_row()),
         ("upstream reuse under load", "≥ 99.9%", reuse_row()),
         ("1 of 3 backends +50 ms: p99", "≤ 3 × healthy p99", slow_row()),
         ("workers 2 vs 1: req/s", "≥ 1.7×", scaling_row()),
         ("issue 3: 1 of 3 backends +50 ms, wrk -c32: p99", "< 5 ms (peers ≈ 50 ms)",
          issue3_row()),
+        ("issue 8: HTTPS keep-alive, wrk -c64: CPU µs/req", "side by side (no target)",
+         https_row()),
     ]
-    print("\n### Targets (issue 7; last row issue 3)\n")
+    print("\n### Targets (issue 7; then issues 3 and 8)\n")
     print("| scenario | target | measured | status |")
     print("|---|---|---|---|")
     for name, target, (measured, status) in rows:
