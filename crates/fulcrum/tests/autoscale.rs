@@ -279,3 +279,57 @@ async fn ctl_shows_the_autoscaler() {
         .to_string();
     assert_eq!(row[8], managed, "{stdout}");
 }
+
+/// A plain HAProxy-style agent on 127.0.0.1 (every autoscaled backend's IP) that answers
+/// whatever line the test sets.
+fn plain_agent() -> (u16, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let line = std::sync::Arc::new(std::sync::Mutex::new(String::from("100% up\n")));
+    let answer = line.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let text = answer.lock().unwrap().clone();
+            let _ = stream.write_all(text.as_bytes());
+        }
+    });
+    (port, line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_metric_follows_the_agents_reports() {
+    let (agent_port, line) = plain_agent();
+    *line.lock().unwrap() = "100% up #cpu 90% mem 20%\n".to_string();
+    let config = process_pool(&format!(
+        "min = 1\nmax = 3\nmetric = \"cpu\"\ntarget = 50\n\
+         scale_up_after = \"300ms\"\nscale_down_after = \"300ms\"\ncooldown = \"200ms\"\n\n\
+         [pools.app.agent]\nport = {agent_port}\ninterval = \"100ms\"\ntimeout = \"500ms\""
+    ));
+    let lb = balancer_with(&config, 1);
+    // 90% CPU per backend against a 50% target: the pool grows to max.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            status(&lb).await["backends"] == 3
+        })
+        .await,
+        "never grew on CPU: {}",
+        lb.logs()
+    );
+    let backends = app_backends(&lb).await;
+    assert!(
+        backends.values().all(|b| b["agent_cpu_percent"] == 90),
+        "{backends:?}"
+    );
+    // The agents now say 10%: back to min.
+    *line.lock().unwrap() = "100% up #cpu 10%\n".to_string();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            status(&lb).await["backends"] == 1
+        })
+        .await,
+        "never shrank on CPU: {}",
+        lb.logs()
+    );
+}

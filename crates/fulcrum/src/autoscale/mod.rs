@@ -309,12 +309,13 @@ impl Autoscaler {
                 rate
             }
             AutoscaleMetric::Cpu => {
-                // Agent-reported use: each backend's agent weight percent falls as its CPU
-                // use rises, so 100 - percent is the busy share the agent reports.
+                // The CPU use the backends' agents report (`#cpu 62%`); a backend whose agent
+                // reports none counts as exactly on target, so it neither grows nor shrinks
+                // the pool.
                 snapshot
                     .backends
                     .iter()
-                    .map(|b| 100.0 - f64::from(b.agent_percent()))
+                    .map(|b| b.agent_cpu().map_or(self.config.target, f64::from))
                     .sum::<f64>()
             }
         };

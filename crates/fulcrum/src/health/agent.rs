@@ -86,6 +86,20 @@ impl fmt::Display for AgentError {
 
 impl std::error::Error for AgentError {}
 
+/// The CPU use an agent mentions in its comment, as `fulcrum agent` does (`cpu 62%`, also
+/// `cpu=62%` or `cpu:62`); None when the comment names none.
+pub fn cpu_from_comment(comment: &str) -> Option<u8> {
+    let lower = comment.to_ascii_lowercase();
+    let at = lower.find("cpu")?;
+    let rest = lower[at + 3..].trim_start_matches([' ', '=', ':']);
+    let digits: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let value: f64 = digits.parse().ok()?;
+    (0.0..=100.0).contains(&value).then(|| value.round() as u8)
+}
+
 /// Parses one agent line: words separated by spaces, tabs or commas, in any order and any
 /// case; `#` starts a comment that runs to the end of the line; only the first line counts.
 pub fn parse_reply(text: &str) -> Result<AgentReply, AgentError> {
@@ -237,6 +251,7 @@ pub async fn run_agent(
                 }
                 let before = (backend.agent_percent(), backend.agent_verdict());
                 view.apply(&reply);
+                backend.set_agent_cpu(reply.comment.as_deref().and_then(cpu_from_comment));
                 if backend.set_agent(Some(view.percent), Some(view.verdict())) {
                     let comment = reply
                         .comment
@@ -284,6 +299,16 @@ pub async fn run_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_figure_is_read_from_the_comment() {
+        assert_eq!(cpu_from_comment("cpu 62% mem 40% disk 31%"), Some(62));
+        assert_eq!(cpu_from_comment("mem 93% CPU=7.6%"), Some(8));
+        assert_eq!(cpu_from_comment("cpu:100"), Some(100));
+        assert_eq!(cpu_from_comment("mem 93%"), None);
+        assert_eq!(cpu_from_comment("cpu high"), None);
+        assert_eq!(cpu_from_comment("cpu 250%"), None);
+    }
 
     #[test]
     fn parses_weight_state_and_comment() {

@@ -38,6 +38,8 @@ pub struct BackendState {
     /// The agent's say: weight percent (0..=100) and [`AgentVerdict`] as a number.
     agent_percent: AtomicU8,
     agent_verdict: AtomicU8,
+    /// CPU use (percent) the agent mentioned (`#cpu 62%`); [`UNKNOWN_CPU`] when it did not.
+    agent_cpu: AtomicU8,
     /// The pool's slow-start ramp length in ns; 0 = slow start off.
     slow_start_ns: AtomicU64,
     /// Clock reading (ns) at which the current ramp began (may lie ahead: an ejection's end).
@@ -80,6 +82,7 @@ impl Backend {
             passive: PassiveState::default(),
             agent_percent: AtomicU8::new(100),
             agent_verdict: AtomicU8::new(AgentVerdict::Up as u8),
+            agent_cpu: AtomicU8::new(UNKNOWN_CPU),
             slow_start_ns: AtomicU64::new(0),
             ramp_start_ns: AtomicU64::new(0),
             ramp_percent: AtomicU8::new(100),
@@ -260,6 +263,18 @@ impl BackendState {
         self.ramp_percent.load(Ordering::Relaxed)
     }
 
+    /// The CPU use (percent) the backend's agent last reported, if it reports one.
+    pub fn agent_cpu(&self) -> Option<u8> {
+        let cpu = self.agent_cpu.load(Ordering::Relaxed);
+        (cpu != UNKNOWN_CPU).then_some(cpu)
+    }
+
+    /// Records the CPU use the agent reported (None: it stopped reporting one).
+    pub fn set_agent_cpu(&self, cpu: Option<u8>) {
+        self.agent_cpu
+            .store(cpu.map_or(UNKNOWN_CPU, |c| c.min(100)), Ordering::Relaxed);
+    }
+
     /// The agent's weight percentage (100 when no agent reported).
     pub fn agent_percent(&self) -> u8 {
         self.agent_percent.load(Ordering::Relaxed)
@@ -337,6 +352,9 @@ impl BackendState {
             && !self.is_ejected()
     }
 }
+
+/// `agent_cpu` value meaning "no figure".
+const UNKNOWN_CPU: u8 = u8::MAX;
 
 /// What a backend's agent last said about taking traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -293,6 +293,8 @@ pub struct BackendStatus {
     pub available: bool,
     /// The agent's weight percentage (100 without an agent).
     pub agent_percent: u8,
+    /// CPU use (percent) the agent reported, when it reports one.
+    pub agent_cpu_percent: Option<u8>,
     /// The agent's verdict (up without an agent).
     pub agent_state: &'static str,
     /// Whether it is skipped for now after failed connects.
@@ -329,6 +331,7 @@ impl BackendStatus {
             ejected: backend.is_ejected(),
             available: !removing && backend.is_available(),
             agent_percent: backend.agent_percent(),
+            agent_cpu_percent: backend.agent_cpu(),
             agent_state: backend.agent_verdict().name(),
             backed_off: backend.is_backed_off(),
             in_flight: backend.in_flight_count(),
