@@ -235,7 +235,11 @@ async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
         println!(
             "listening {} {}://{} pool={}",
             listener.name,
-            if listener.tls { "https" } else { "http" },
+            match (listener.tcp, listener.tls) {
+                (true, _) => "tcp",
+                (false, true) => "https",
+                (false, false) => "http",
+            },
             listener.address,
             listener.pool
         );

@@ -39,6 +39,8 @@ pub struct BoundListener {
     pub pool: String,
     /// Whether it terminates TLS (`https`).
     pub tls: bool,
+    /// Whether it is a raw TCP (L4) listener.
+    pub tcp: bool,
 }
 
 /// A listener's accept task and the switch that stops it.
@@ -475,6 +477,7 @@ fn start_listener(
         address,
         pool: config.pool.get_ref().clone(),
         tls: tls.is_some(),
+        tcp: config.protocol == ListenerProtocol::Tcp,
     };
     let (stop, stopped) = watch::channel(false);
     let stats = Arc::new(ListenerStats::default());

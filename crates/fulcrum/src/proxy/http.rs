@@ -125,8 +125,9 @@ impl HttpProxy {
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
         let mut response = if crate::proxy::upgrade::is_upgrade(&request) {
-            self.forward_upgrade(request, client, self.tunnel_idle_timeout)
-                .await
+            // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
+            // large; inline it would be reserved in every request's future.
+            Box::pin(self.forward_upgrade(request, client, self.tunnel_idle_timeout)).await
         } else {
             match prepare_request(request, client, self.scheme) {
                 Ok(request) => self.forward(request, client.ip()).await,

@@ -327,7 +327,9 @@ impl ConnectionPool {
         &self,
         settings: &PoolSettings,
     ) -> Result<UpstreamConnection, ConnectError> {
-        let connection = self.open(settings).await?;
+        // Boxed: connecting (TCP, TLS handshake, HTTP handshake) is rare with pooling, and its
+        // large state would otherwise be reserved inside every request's future.
+        let connection = Box::pin(self.open(settings)).await?;
         if let UpstreamSender::Http2(sender, _) = &connection.sender {
             let transport = Arc::as_ptr(&settings.transport) as usize;
             self.h2.store(Some(Arc::new((sender.clone(), transport))));
