@@ -25,6 +25,11 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 
 /// Removes hop-by-hop headers, including any the `Connection` header names, and `Upgrade`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one scan of the (few) names is cheaper than a hash
+    // lookup per hop-by-hop name, twice per request.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -41,6 +46,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// Whether `name` is a hop-by-hop header (or `Upgrade`), named in a standard list.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::UPGRADE || HOP_BY_HOP.iter().any(|hop| hop == name)
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and
