@@ -635,17 +635,7 @@ fn serve_connection(
 ) {
     let slot = Arc::new(ConnectionSlot::new(permit, stats));
     let _ = stream.set_nodelay(true);
-    let held = slot.clone();
-    let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        // An upgraded connection outlives hyper's: its tunnel keeps the slot.
-        if crate::proxy::upgrade::is_upgrade(&request) {
-            request
-                .extensions_mut()
-                .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
-        }
-        let proxy = proxy.clone();
-        async move { proxy.handle(request, client).await }
-    });
+    let service = client_service(proxy, client, slot.clone());
     let connection = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
@@ -656,6 +646,31 @@ fn serve_connection(
         }
         drop(slot);
     });
+}
+
+/// The hyper service of one client connection: every request goes to `proxy`; an upgrade
+/// request carries the connection's slot, since its tunnel outlives hyper's connection.
+pub(crate) fn client_service(
+    proxy: Arc<HttpProxy>,
+    client: SocketAddr,
+    slot: Arc<ConnectionSlot>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::proxy::body::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        if crate::proxy::upgrade::is_upgrade(&request) {
+            request
+                .extensions_mut()
+                .insert(crate::proxy::upgrade::ClientSlot(slot.clone()));
+        }
+        let proxy = proxy.clone();
+        async move { proxy.handle(request, client).await }
+    })
 }
 
 /// One client connection's place on its listener: its `max_connections` permit and its count
@@ -705,16 +720,7 @@ fn serve_connection_after_proxy_header(
         if let Some(carried) = header {
             let client = carried.map_or(peer, |c| c.source);
             let _ = stream.set_nodelay(true);
-            let held = slot.clone();
-            let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-                if crate::proxy::upgrade::is_upgrade(&request) {
-                    request
-                        .extensions_mut()
-                        .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
-                }
-                let proxy = proxy.clone();
-                async move { proxy.handle(request, client).await }
-            });
+            let service = client_service(proxy, client, slot.clone());
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%client, %error, "client connection ended with an error");

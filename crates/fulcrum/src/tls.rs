@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::Watcher;
@@ -434,19 +433,7 @@ pub(crate) fn serve_tls_connection(
     tokio::spawn(async move {
         match tls.accept(stream).await {
             Ok(stream) => {
-                let held = slot.clone();
-                let service =
-                    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-                        // An upgraded (WebSocket) connection outlives hyper's: its tunnel keeps
-                        // the slot.
-                        if crate::proxy::upgrade::is_upgrade(&request) {
-                            request
-                                .extensions_mut()
-                                .insert(crate::proxy::upgrade::ClientSlot(held.clone()));
-                        }
-                        let proxy = proxy.clone();
-                        async move { proxy.handle(request, client).await }
-                    });
+                let service = crate::server::client_service(proxy, client, slot.clone());
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();

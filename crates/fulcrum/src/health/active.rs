@@ -144,6 +144,16 @@ impl ActiveCheck {
             .try_send_request(request)
             .await
             .map_err(|e| CheckError::Http(e.into_error().to_string()))?;
+        self.judge(response).await
+    }
+
+    /// Whether a check's answer passes: expected status, and the expected text in the body
+    /// (read up to a bound) when one is configured.
+    async fn judge<B>(&self, response: http::Response<B>) -> Result<(), CheckError>
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let status = response.status().as_u16();
         if !self.expect_status.contains(status) {
             return Err(CheckError::Status(status));
@@ -185,21 +195,7 @@ impl ActiveCheck {
                 .send_request(request)
                 .await
                 .map_err(|e| CheckError::Http(e.to_string()))?;
-            let status = response.status().as_u16();
-            if !self.expect_status.contains(status) {
-                return Err(CheckError::Status(status));
-            }
-            if let Some(expected) = &self.expect_body {
-                let body = Limited::new(response.into_body(), MAX_CHECK_BODY)
-                    .collect()
-                    .await
-                    .map_err(|e| CheckError::Http(e.to_string()))?
-                    .to_bytes();
-                if !String::from_utf8_lossy(&body).contains(expected.as_str()) {
-                    return Err(CheckError::Body);
-                }
-            }
-            Ok(())
+            self.judge(response).await
         }
         .await;
         driver.abort();
