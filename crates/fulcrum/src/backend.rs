@@ -97,14 +97,7 @@ pub async fn spawn_tcp_echo(listen: SocketAddr, proxy_protocol: bool) -> Result<
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let (mut stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::error!(%error, "backend accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (mut stream, peer) = crate::server::accept(&listener).await;
             tokio::spawn(async move {
                 if proxy_protocol && proxied_client(&mut stream, peer).await.is_none() {
                     return;
@@ -203,14 +196,7 @@ async fn accept_loop(
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let (mut stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::error!(%error, "backend accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (mut stream, peer) = crate::server::accept(&listener).await;
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();

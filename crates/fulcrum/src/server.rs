@@ -565,15 +565,7 @@ async fn serve_http(
     let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
         let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually out of file descriptors: back off briefly instead of spinning.
-                    tracing::error!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener) => accepted,
             _ = stop.changed() => break,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
@@ -646,6 +638,20 @@ fn serve_connection(
         }
         drop(slot);
     });
+}
+
+/// The next connection on `listener`. Accept errors (usually out of file descriptors) are
+/// logged and retried after a short pause instead of spinning. Cancel-safe.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::error!(%error, local = ?listener.local_addr().ok(), "accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// The hyper service of one client connection: every request goes to `proxy`; an upgrade

@@ -127,14 +127,7 @@ async fn pool_grows_under_load_and_shrinks_back_without_loss() {
         messages.iter().any(|m| m.starts_with("scale down")),
         "{messages:?}"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", lb.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&lb).await;
     assert!(
         metrics.contains("fulcrum_autoscale_backends{pool=\"app\"} 1"),
         "{metrics}"

@@ -83,13 +83,7 @@ async fn metrics_parse_and_match_the_traffic() {
         .unwrap();
     assert_eq!(response.status(), 503);
 
-    let response = client()
-        .get(format!("{}/metrics", lb.admin_url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
+    let text = metrics_text(&lb).await;
     let samples = parse_openmetrics(&text);
     assert_eq!(
         sum(
@@ -124,14 +118,7 @@ async fn metrics_parse_and_match_the_traffic() {
     assert!(sum(&samples, "fulcrum_client_connections_accepted_total", None) >= 4.0);
     assert!(sum(&samples, "fulcrum_upstream_requests_reused_total", None) > 50.0);
 
-    let text = client()
-        .get(format!("{}/metrics", lb_dead.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&lb_dead).await;
     let samples = parse_openmetrics(&text);
     assert_eq!(
         sum(

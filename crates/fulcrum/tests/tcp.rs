@@ -233,14 +233,7 @@ async fn echo_pattern(addr: SocketAddr, total: u64) -> Duration {
 
 /// The value of metric `name` with all of `labels` in a Prometheus text scrape.
 async fn metric(lb: &Proc, name: &str, labels: &[&str]) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", lb.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(lb).await;
     text.lines()
         .find(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .and_then(|l| l.rsplit(' ').next())

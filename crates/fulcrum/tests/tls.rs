@@ -242,14 +242,7 @@ async fn alpn_negotiates_h2_and_requests_multiplex_on_one_connection() {
 }
 
 async fn client_metrics(lb: &Proc) -> String {
-    client()
-        .get(format!("{}/metrics", lb.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_text(lb).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

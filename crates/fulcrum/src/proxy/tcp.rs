@@ -422,15 +422,7 @@ pub async fn serve_tcp(
     let mut sessions = JoinSet::new();
     loop {
         let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually out of file descriptors: back off briefly instead of spinning.
-                    tracing::error!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::server::accept(&listener) => accepted,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             _ = stop.changed() => break,
         };

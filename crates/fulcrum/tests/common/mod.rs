@@ -529,6 +529,17 @@ pub async fn admin_get(lb: &Proc, path: &str) -> serde_json::Value {
     serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
 }
 
+/// The balancer's Prometheus `/metrics` text.
+pub async fn metrics_text(lb: &Proc) -> String {
+    let response = client()
+        .get(format!("{}/metrics", lb.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "GET /metrics");
+    response.text().await.unwrap()
+}
+
 /// The backends of pool `app` as the admin API shows them: address → JSON.
 pub async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
     let pool = admin_get(lb, "/api/pools/app").await;
