@@ -21,10 +21,9 @@ pub struct PeakEwma {
     cost_bits: AtomicU64,
     /// When the estimate was last updated; 0 = nothing known.
     stamp_ns: AtomicU64,
-    /// Decay time constant in nanoseconds (at least 1).
-    decay_ns: f64,
-    /// `1 / decay_ns`, so reads multiply instead of divide.
-    inv_decay: f64,
+    /// `1 / τ` in 1/nanoseconds as `f64` bits (τ at least 1 ns), so reads multiply instead of
+    /// divide; an atomic so a pool's configured decay can change while traffic flows.
+    inv_decay_bits: AtomicU64,
 }
 
 impl Default for PeakEwma {
@@ -36,18 +35,27 @@ impl Default for PeakEwma {
 impl PeakEwma {
     /// An empty estimate decaying with time constant `decay` (see [`DEFAULT_DECAY`]).
     pub fn new(decay: Duration) -> Self {
-        let decay_ns = (decay.as_nanos() as f64).max(1.0);
         PeakEwma {
             cost_bits: AtomicU64::new(0f64.to_bits()),
             stamp_ns: AtomicU64::new(0),
-            decay_ns,
-            inv_decay: 1.0 / decay_ns,
+            inv_decay_bits: AtomicU64::new(inverse_ns(decay).to_bits()),
         }
     }
 
     /// The decay time constant.
     pub fn decay(&self) -> Duration {
-        Duration::from_nanos(self.decay_ns as u64)
+        Duration::from_nanos((1.0 / self.inv_decay()).round() as u64)
+    }
+
+    /// Changes the decay time constant; the current estimate is kept.
+    pub fn set_decay(&self, decay: Duration) {
+        self.inv_decay_bits
+            .store(inverse_ns(decay).to_bits(), Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn inv_decay(&self) -> f64 {
+        f64::from_bits(self.inv_decay_bits.load(Ordering::Relaxed))
     }
 
     /// Records one round-trip time observed at `now_ns` (> 0): a sample above the current
@@ -57,13 +65,14 @@ impl PeakEwma {
         let now_ns = now_ns.max(1);
         let stamp = self.stamp_ns.swap(now_ns, Ordering::AcqRel);
         let elapsed = now_ns.saturating_sub(stamp) as f64;
+        let inv_decay = self.inv_decay();
         let mut current = self.cost_bits.load(Ordering::Acquire);
         loop {
             let cost = f64::from_bits(current);
             let next = if stamp == 0 || rtt > cost {
                 rtt
             } else {
-                let w = (-elapsed * self.inv_decay).exp();
+                let w = (-elapsed * inv_decay).exp();
                 cost * w + rtt * (1.0 - w)
             };
             match self.cost_bits.compare_exchange_weak(
@@ -90,7 +99,7 @@ impl PeakEwma {
         if elapsed == 0 {
             return (cost as u64).max(1);
         }
-        ((cost * (-(elapsed as f64) * self.inv_decay).exp()) as u64).max(1)
+        ((cost * (-(elapsed as f64) * self.inv_decay()).exp()) as u64).max(1)
     }
 
     /// Forgets everything: the backend is unknown again (e.g. after it recovered).
@@ -98,6 +107,11 @@ impl PeakEwma {
         self.stamp_ns.store(0, Ordering::Release);
         self.cost_bits.store(0f64.to_bits(), Ordering::Release);
     }
+}
+
+/// `1 / decay` in 1/nanoseconds, with the decay at least 1 ns.
+fn inverse_ns(decay: Duration) -> f64 {
+    1.0 / (decay.as_nanos() as f64).max(1.0)
 }
 
 #[cfg(test)]
@@ -132,6 +146,18 @@ mod tests {
         ewma.observe(MS, 100 * S);
         let settled = ewma.estimate(100 * S);
         assert!((MS..MS + MS / 100).contains(&settled), "{settled}");
+    }
+
+    #[test]
+    fn decay_can_change_while_in_use() {
+        let ewma = PeakEwma::new(Duration::from_secs(10));
+        assert_eq!(ewma.decay(), Duration::from_secs(10));
+        ewma.observe(50 * MS, S);
+        ewma.set_decay(Duration::from_secs(1));
+        assert_eq!(ewma.decay(), Duration::from_secs(1));
+        // One second later: e^-1 of the peak under the new time constant.
+        let later = ewma.estimate(2 * S);
+        assert!((18 * MS..19 * MS).contains(&later), "{later}");
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub trait Candidate {
     fn weight(&self) -> u32;
     /// Requests (or TCP sessions) currently in flight on this backend.
     fn in_flight(&self) -> u32;
+    /// Requests sent to this backend and not answered yet (peak-EWMA's "pending"): unlike
+    /// [`Candidate::in_flight`] it excludes the time the balancer spends relaying answers.
+    /// The in-flight count unless the implementation tracks it separately.
+    fn pending(&self) -> u32 {
+        self.in_flight()
+    }
     /// Whether the backend may take new traffic at all (healthy and enabled).
     fn is_eligible(&self) -> bool;
     /// Latency estimate in nanoseconds at `now_ns` (peak-EWMA); 0 when nothing is known yet.
@@ -121,7 +127,7 @@ pub enum Algorithm {
     LeastConn,
     /// Power of two random choices on weighted in-flight requests.
     P2c,
-    /// Power of two random choices on peak-EWMA latency × (in-flight + 1) / weight.
+    /// Power of two random choices on peak-EWMA latency × (pending + 1) / weight.
     PeakEwma,
     /// Weighted random.
     Random,

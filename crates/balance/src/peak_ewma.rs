@@ -1,6 +1,7 @@
 //! Peak-EWMA power of two choices (Finagle's and Linkerd's default): draw two usable backends
 //! and send the request to the cheaper one, where
-//! cost = peak-EWMA latency × (in-flight + 1) / weight.
+//! cost = peak-EWMA latency × (pending + 1) / weight, where pending counts the requests sent
+//! and not answered yet ([`Candidate::pending`]).
 //!
 //! A backend whose latency is unknown (new, or reset after recovering) costs 0 while it has
 //! nothing in flight, so it is tried at once, and a prohibitive [`UNKNOWN_BUSY_COST`] while
@@ -27,7 +28,7 @@ pub fn cost<C: Candidate>(candidate: &C, now_ns: u64) -> f64 {
     load / weight
 }
 
-/// (latency × (in-flight + 1), weight): the cost as a fraction, so two costs compare by
+/// (latency × (pending + 1), weight): the cost as a fraction, so two costs compare by
 /// cross-multiplication without dividing.
 #[inline]
 fn load_and_weight<C: Candidate>(candidate: &C, now_ns: u64) -> (f64, f64) {
@@ -35,13 +36,13 @@ fn load_and_weight<C: Candidate>(candidate: &C, now_ns: u64) -> (f64, f64) {
     if weight == 0 {
         return (1.0, 0.0);
     }
-    let in_flight = candidate.in_flight();
-    let latency = match (candidate.latency_ns(now_ns), in_flight) {
+    let pending = candidate.pending();
+    let latency = match (candidate.latency_ns(now_ns), pending) {
         (0, 0) => return (0.0, f64::from(weight)),
         (0, _) => UNKNOWN_BUSY_COST,
         (latency, _) => latency as f64,
     };
-    (latency * (f64::from(in_flight) + 1.0), f64::from(weight))
+    (latency * (f64::from(pending) + 1.0), f64::from(weight))
 }
 
 /// Whether `b` is strictly cheaper than `a` at `now_ns`.
@@ -93,6 +94,8 @@ mod tests {
     /// A candidate with a real latency estimate.
     struct Timed {
         inner: StaticCandidate,
+        /// Requests awaiting an answer; the in-flight count when `None`.
+        pending: Option<u32>,
         latency: PeakEwma,
     }
 
@@ -104,6 +107,7 @@ mod tests {
             }
             Timed {
                 inner: StaticCandidate::new(weight),
+                pending: None,
                 latency,
             }
         }
@@ -115,6 +119,9 @@ mod tests {
         }
         fn in_flight(&self) -> u32 {
             self.inner.in_flight
+        }
+        fn pending(&self) -> u32 {
+            self.pending.unwrap_or(self.inner.in_flight)
         }
         fn is_eligible(&self) -> bool {
             self.inner.eligible
@@ -157,6 +164,21 @@ mod tests {
         backends[0].inner.in_flight = 4;
         let seen = shares(&backends, 100, 2);
         assert_eq!(seen, vec![0, 100]);
+    }
+
+    #[test]
+    fn cost_counts_pending_requests_not_responses_being_relayed() {
+        // Backend 0 has many responses still being relayed but nothing awaiting an answer;
+        // backend 1 has fewer in flight, all of them awaiting: backend 0 is cheaper.
+        let mut backends = vec![
+            Timed::new(1, Some(1_000_000)),
+            Timed::new(1, Some(1_000_000)),
+        ];
+        backends[0].inner.in_flight = 10;
+        backends[0].pending = Some(0);
+        backends[1].inner.in_flight = 3;
+        let seen = shares(&backends, 100, 2);
+        assert_eq!(seen, vec![100, 0]);
     }
 
     #[test]

@@ -209,6 +209,10 @@ pub struct PoolConfig {
     /// this long ("10s"). Off when absent or zero.
     #[serde(default)]
     pub slow_start: Option<ConfigDuration>,
+    /// Time constant of the peak-EWMA latency estimate (`peak_ewma`): how long a latency
+    /// peak keeps counting after the samples stop or turn fast again ("2s").
+    #[serde(default = "default_latency_decay")]
+    pub latency_decay: ConfigDuration,
     /// How often backends written as HOST:PORT are re-resolved.
     #[serde(default = "default_resolve_every")]
     pub resolve_every: ConfigDuration,
@@ -252,6 +256,10 @@ pub enum ProxyProtocolVersion {
     V1,
     /// The binary header (what HAProxy and most servers prefer).
     V2,
+}
+
+fn default_latency_decay() -> ConfigDuration {
+    ConfigDuration(fulcrum_balance::ewma::DEFAULT_DECAY)
 }
 
 fn default_resolve_every() -> ConfigDuration {

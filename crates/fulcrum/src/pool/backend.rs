@@ -23,6 +23,8 @@ pub struct BackendState {
     pub id: String,
     configured_weight: AtomicU32,
     in_flight: AtomicU32,
+    /// Requests sent and not answered yet (HTTP: until the response head; TCP: the session).
+    awaiting: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
     /// Backend answers by status class: index 0 = 1xx … 4 = 5xx.
@@ -73,6 +75,7 @@ impl Backend {
             id: address.to_string(),
             configured_weight: AtomicU32::new(weight),
             in_flight: AtomicU32::new(0),
+            awaiting: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             responses_by_class: Default::default(),
@@ -90,6 +93,16 @@ impl Backend {
             connections: ConnectionPool::new(address),
             sessions: SessionStats::default(),
         }))
+    }
+
+    /// Counts a request as sent and waiting for its answer until the guard is dropped. Unlike
+    /// the in-flight count, this leaves out the time Fulcrum spends forwarding the response,
+    /// which would make a busy balancer blame fast backends for its own queueing.
+    pub fn await_answer(&self) -> AwaitingGuard {
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
+        AwaitingGuard {
+            backend: self.clone(),
+        }
     }
 
     /// Counts a request as started; the guard counts it finished when dropped.
@@ -218,6 +231,11 @@ impl BackendState {
             return 0;
         }
         (configured * agent * ramp / 100).clamp(1, u64::from(u32::MAX)) as u32
+    }
+
+    /// Sets the time constant of the backend's peak-EWMA latency estimate.
+    pub fn set_latency_decay(&self, decay: Duration) {
+        self.latency.set_decay(decay);
     }
 
     /// Sets the pool's slow-start ramp length (zero turns slow start off and ends any ramp).
@@ -503,6 +521,10 @@ impl Candidate for Backend {
         self.in_flight_count()
     }
     #[inline]
+    fn pending(&self) -> u32 {
+        self.awaiting.load(Ordering::Relaxed)
+    }
+    #[inline]
     fn is_eligible(&self) -> bool {
         self.is_available()
     }
@@ -522,6 +544,18 @@ impl InFlightGuard {
     /// The backend this request runs on.
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+}
+
+/// Holds one waiting-for-an-answer slot on a backend (see [`Backend::await_answer`]).
+#[derive(Debug)]
+pub struct AwaitingGuard {
+    backend: Backend,
+}
+
+impl Drop for AwaitingGuard {
+    fn drop(&mut self) {
+        self.backend.awaiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -471,6 +471,7 @@ impl PoolManager {
         };
         // A joining backend ramps up (slow start, when configured).
         backend.set_slow_start(self.settings.slow_start);
+        backend.set_latency_decay(self.settings.latency_decay);
         backend.begin_ramp(now_ns());
         if self.health.is_some() {
             // Health-checked before it takes traffic: the first passing check brings it up.
@@ -556,6 +557,11 @@ impl PoolManager {
             if new_settings.slow_start != self.settings.slow_start {
                 for backend in &self.members {
                     backend.set_slow_start(new_settings.slow_start);
+                }
+            }
+            if new_settings.latency_decay != self.settings.latency_decay {
+                for backend in &self.members {
+                    backend.set_latency_decay(new_settings.latency_decay);
                 }
             }
             self.settings = new_settings;

@@ -52,6 +52,8 @@ pub struct PoolSettings {
     pub proxy_protocol: Option<crate::config::ProxyProtocolVersion>,
     /// Slow-start ramp length; zero = off.
     pub slow_start: Duration,
+    /// Time constant of each backend's peak-EWMA latency estimate.
+    pub latency_decay: Duration,
     /// What consistent hashing hashes (`maglev` only).
     pub hash_key: HashKey,
     /// Consistent hashing with bounded loads: the factor (`maglev` only).
@@ -82,6 +84,7 @@ impl PoolSettings {
             retry_min_per_second: config.retry_budget.min_per_second,
             proxy_protocol: config.proxy_protocol,
             slow_start: config.slow_start.map_or(Duration::ZERO, |d| d.0),
+            latency_decay: config.latency_decay.0,
             hash_key: config
                 .hash_key
                 .as_ref()
@@ -174,6 +177,7 @@ impl Pool {
                     let backend = Backend::new(address, spec.weight);
                     // Starting backends take full weight at once; only later joins ramp.
                     backend.set_slow_start(settings.slow_start);
+                    backend.set_latency_decay(settings.latency_decay);
                     backend
                 })
             })
@@ -301,6 +305,8 @@ pub struct BackendStatus {
     pub backed_off: bool,
     /// Requests in flight.
     pub in_flight: u32,
+    /// Requests sent and not answered yet (what `peak_ewma` multiplies latency by).
+    pub pending: u32,
     /// Requests sent since start.
     pub requests: u64,
     /// Failures seen since start.
@@ -335,6 +341,7 @@ impl BackendStatus {
             agent_state: backend.agent_verdict().name(),
             backed_off: backend.is_backed_off(),
             in_flight: backend.in_flight_count(),
+            pending: fulcrum_balance::Candidate::pending(backend),
             requests: backend.request_count(),
             failures: backend.failure_count(),
             removing,

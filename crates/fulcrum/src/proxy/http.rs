@@ -261,6 +261,7 @@ impl HttpProxy {
         let settings = &*snapshot.settings;
         let guard = backend.start_request();
         loop {
+            let _awaiting = backend.await_answer();
             let sent_ns = now_ns();
             let sent = tokio::time::timeout(
                 settings.request_timeout,

@@ -335,6 +335,8 @@ impl TcpProxy {
             return;
         };
         let _guard = backend.start_request();
+        // A session waits for its backend as long as it lasts (peak-EWMA's pending count).
+        let _awaiting = backend.await_answer();
         backend.record_success();
         backend.sessions.opened.fetch_add(1, Ordering::Relaxed);
         let _ = upstream.set_nodelay(true);

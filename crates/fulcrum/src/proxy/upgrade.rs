@@ -167,6 +167,7 @@ impl HttpProxy {
                 }
             };
             let guard = backend.start_request();
+            let awaiting = backend.await_answer();
             let response = match tokio::time::timeout(
                 settings.request_timeout,
                 sender.send_request(request.map(RequestBody::Client)),
@@ -190,6 +191,7 @@ impl HttpProxy {
                     );
                 }
             };
+            drop(awaiting);
             backend.record_status(response.status().as_u16());
             if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 // Refused upgrade: an ordinary response (the connection is then reusable).
