@@ -194,13 +194,23 @@ fn combine(left: u64, right: u64) -> u64 {
 
 /// An implicit binary min-tree: node 1 is the root, node `k` has children `2k` and `2k + 1`,
 /// leaf `i` is node `leaves + i`; leaves past `len` are padding ([`EMPTY`]).
-#[derive(Debug)]
 struct LoadTree {
     nodes: Box<[AtomicU64]>,
     /// Number of leaves (a power of two).
     leaves: usize,
     /// Number of backends.
     len: usize,
+}
+
+impl std::fmt::Debug for LoadTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let root = self.load(1);
+        f.debug_struct("LoadTree")
+            .field("len", &self.len)
+            .field("min_key", &key(root))
+            .field("tied", &count(root))
+            .finish()
+    }
 }
 
 impl LoadTree {

@@ -334,7 +334,7 @@ impl TcpProxy {
             tracing::warn!(listener = %self.http.listener, pool = %self.http.pool.name, %client, "no backend available; closing the connection");
             return;
         };
-        let _guard = backend.start_request();
+        let _guard = self.http.pool.start_request(snapshot, &backend);
         backend.record_success();
         backend.sessions.opened.fetch_add(1, Ordering::Relaxed);
         let _ = upstream.set_nodelay(true);

@@ -166,7 +166,7 @@ impl HttpProxy {
                     continue;
                 }
             };
-            let guard = backend.start_request();
+            let guard = self.pool.start_request(snapshot, backend);
             let response = match tokio::time::timeout(
                 settings.request_timeout,
                 sender.send_request(request.map(RequestBody::Client)),
