@@ -557,6 +557,94 @@ mod tests {
         assert_eq!(tree.load(1), right);
     }
 
+    /// A backend whose in-flight count other threads change.
+    struct Live {
+        in_flight: std::sync::atomic::AtomicU32,
+        weight: u32,
+        eligible: bool,
+    }
+
+    impl Candidate for Live {
+        fn weight(&self) -> u32 {
+            self.weight
+        }
+        fn in_flight(&self) -> u32 {
+            self.in_flight.load(Ordering::Relaxed)
+        }
+        fn is_eligible(&self) -> bool {
+            self.eligible
+        }
+    }
+
+    /// Four threads pick, start and end requests, notifying each change, all at once: every
+    /// pick is usable, the tree is (nearly) consistent once quiet, and a refresh makes it
+    /// exact.
+    #[test]
+    fn concurrent_picks_and_notifications() {
+        let n = 200;
+        let backends: Vec<Live> = (0..n)
+            .map(|i| Live {
+                in_flight: 0.into(),
+                weight: 1 + i as u32 % 3,
+                eligible: i % 10 != 3,
+            })
+            .collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        let lc = LeastConn::new(&weights);
+        lc.refresh_all(&backends);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (lc, backends) = (&lc, &backends);
+                s.spawn(move || {
+                    let mut random = t;
+                    let mut held = std::collections::VecDeque::new();
+                    for _ in 0..20_000 {
+                        random = splitmix64(random);
+                        let i = lc
+                            .pick(backends, &PickContext::with_random(random))
+                            .unwrap();
+                        assert!(backends[i].eligible);
+                        backends[i].in_flight.fetch_add(1, Ordering::Relaxed);
+                        lc.load_changed(i, backends);
+                        held.push_back(i);
+                        if held.len() > 50 {
+                            let done = held.pop_front().unwrap();
+                            backends[done].in_flight.fetch_sub(1, Ordering::Relaxed);
+                            lc.load_changed(done, backends);
+                        }
+                    }
+                    for done in held {
+                        backends[done].in_flight.fetch_sub(1, Ordering::Relaxed);
+                        lc.load_changed(done, backends);
+                    }
+                });
+            }
+        });
+        assert!(backends.iter().all(|b| b.in_flight() == 0));
+        {
+            let tree = lc.tree.as_ref().unwrap();
+            let stale = (1..2 * tree.leaves)
+                .filter(|&node| {
+                    if node >= tree.leaves {
+                        let i = node - tree.leaves;
+                        tree.load(node) != backends.get(i).map_or(EMPTY, leaf_value)
+                    } else {
+                        tree.load(node) != combine(tree.load(2 * node), tree.load(2 * node + 1))
+                    }
+                })
+                .count();
+            // Lost races may leave a few nodes stale until the refresh (in practice none).
+            assert!(stale * 10 < 2 * tree.leaves, "{stale} stale nodes");
+        }
+        lc.refresh_all(&backends);
+        let tree = lc.tree.as_ref().unwrap();
+        // Weight 3 backends (66 of them, 6 ineligible) are the least loaded when idle.
+        assert_eq!(key(tree.load(1)), load_key(0, 3).unwrap());
+        assert_eq!(count(tree.load(1)), 60);
+        let picked = lc.pick(&backends, &PickContext::with_random(9)).unwrap();
+        assert_eq!(backends[picked].weight, 3);
+    }
+
     #[test]
     fn keys_follow_exact_order() {
         for a in 0..20u32 {
