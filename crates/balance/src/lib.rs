@@ -178,7 +178,10 @@ pub enum Selector {
 impl Selector {
     /// Builds the selector for `algorithm` over these members (in snapshot order).
     /// Rebuild it whenever membership or weights change: round robin, random and Maglev use
-    /// the weights given here; the others read live weights at pick time.
+    /// the weights given here; the others read live weights at pick time. least_conn over
+    /// more than [`least_conn::SCAN_MAX`] members keeps live loads in a tree: call
+    /// [`Selector::refresh_all`] with the live candidates after building, and report
+    /// in-flight changes with [`Selector::load_changed`].
     pub fn build(algorithm: Algorithm, members: &[Member<'_>], options: &BuildOptions) -> Selector {
         match algorithm {
             Algorithm::RoundRobin => {
