@@ -1,7 +1,10 @@
-//! `pick()` cost per algorithm at 3, 100 and 1000 backends, and Maglev table rebuild at 1000.
+//! `pick()` cost per algorithm at 3, 100 and 1000 backends, least_conn's pick with the two
+//! load notifications a request pays, and Maglev table rebuild at 1000.
 //! Run with `cargo bench -p fulcrum-balance`.
 
+use std::collections::VecDeque;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -13,7 +16,7 @@ use fulcrum_balance::{
 /// A backend with live-looking numbers: varied in-flight counts and latency estimates.
 struct Bench {
     weight: u32,
-    in_flight: u32,
+    in_flight: AtomicU32,
     latency: PeakEwma,
 }
 
@@ -22,7 +25,7 @@ impl Candidate for Bench {
         self.weight
     }
     fn in_flight(&self) -> u32 {
-        self.in_flight
+        self.in_flight.load(Ordering::Relaxed)
     }
     fn is_eligible(&self) -> bool {
         true
@@ -42,7 +45,7 @@ fn pool(n: usize) -> (Vec<String>, Vec<Bench>) {
             latency.observe(500_000 + splitmix64(i) % 1_000_000, 1_000);
             Bench {
                 weight: 100,
-                in_flight: (splitmix64(i ^ 77) % 8) as u32,
+                in_flight: AtomicU32::new((splitmix64(i ^ 77) % 8) as u32),
                 latency,
             }
         })
@@ -73,6 +76,7 @@ fn pick(c: &mut Criterion) {
                 ..BuildOptions::default()
             };
             let selector = Selector::build(algorithm, &members(&ids), &options);
+            selector.refresh_all(&backends);
             let mut random = 1u64;
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter(|| {
@@ -87,6 +91,45 @@ fn pick(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+}
+
+/// What a least_conn request pays: the pick, the in-flight increment and its notification,
+/// and (for the request `OUTSTANDING` picks earlier) the decrement and its notification.
+fn pick_with_notify(c: &mut Criterion) {
+    const OUTSTANDING: usize = 64;
+    let mut group = c.benchmark_group("pick");
+    group
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20);
+    for n in [3usize, 100, 1000] {
+        let (ids, backends) = pool(n);
+        let selector = Selector::build(
+            Algorithm::LeastConn,
+            &members(&ids),
+            &BuildOptions::default(),
+        );
+        selector.refresh_all(&backends);
+        let mut random = 1u64;
+        let mut running = VecDeque::with_capacity(OUTSTANDING + 1);
+        group.bench_with_input(BenchmarkId::new("least_conn_notify", n), &n, |b, _| {
+            b.iter(|| {
+                random = splitmix64(random);
+                let index = selector
+                    .pick(black_box(&backends), &PickContext::with_random(random))
+                    .unwrap();
+                backends[index].in_flight.fetch_add(1, Ordering::Relaxed);
+                selector.load_changed(index, &backends);
+                running.push_back(index);
+                if running.len() > OUTSTANDING {
+                    let done = running.pop_front().unwrap();
+                    backends[done].in_flight.fetch_sub(1, Ordering::Relaxed);
+                    selector.load_changed(done, &backends);
+                }
+            })
+        });
     }
     group.finish();
 }
@@ -116,5 +159,5 @@ fn rebuild(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pick, rebuild);
+criterion_group!(benches, pick, pick_with_notify, rebuild);
 criterion_main!(benches);

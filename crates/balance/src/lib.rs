@@ -184,14 +184,20 @@ pub enum Selector {
 impl Selector {
     /// Builds the selector for `algorithm` over these members (in snapshot order).
     /// Rebuild it whenever membership or weights change: round robin, random and Maglev use
-    /// the weights given here; the others read live weights at pick time.
+    /// the weights given here; the others read live weights at pick time. least_conn over
+    /// more than [`least_conn::SCAN_MAX`] members keeps live loads in a tree: call
+    /// [`Selector::refresh_all`] with the live candidates after building, and report
+    /// in-flight changes with [`Selector::load_changed`].
     pub fn build(algorithm: Algorithm, members: &[Member<'_>], options: &BuildOptions) -> Selector {
         match algorithm {
             Algorithm::RoundRobin => {
                 let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
                 Selector::RoundRobin(RoundRobin::new(&weights))
             }
-            Algorithm::LeastConn => Selector::LeastConn(LeastConn),
+            Algorithm::LeastConn => {
+                let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+                Selector::LeastConn(LeastConn::new(&weights))
+            }
             Algorithm::P2c => Selector::P2c(PowerOfTwoChoices),
             Algorithm::PeakEwma => Selector::PeakEwma(PeakEwmaP2c),
             Algorithm::Random => {
@@ -203,6 +209,35 @@ impl Selector {
                 options.table_size,
                 options.bounded_load,
             )),
+        }
+    }
+
+    /// Whether this selector wants [`Selector::load_changed`] notifications (least_conn over
+    /// more than [`least_conn::SCAN_MAX`] backends). Callers check this first, so the other
+    /// algorithms pay nothing.
+    #[inline]
+    pub fn tracks_load(&self) -> bool {
+        match self {
+            Selector::LeastConn(b) => b.tracks_load(),
+            _ => false,
+        }
+    }
+
+    /// Backend `index` of `backends` (the snapshot the selector was built for) changed its
+    /// in-flight count: O(log n) for least_conn's tree, a no-op for every other algorithm.
+    #[inline]
+    pub fn load_changed<C: Candidate>(&self, index: usize, backends: &[C]) {
+        if let Selector::LeastConn(b) = self {
+            b.load_changed(index, backends);
+        }
+    }
+
+    /// Recomputes any live-load state from `backends`, O(n): after building and
+    /// periodically, so that state missed by notifications (health, weights) is bounded in
+    /// time. A no-op for algorithms without such state.
+    pub fn refresh_all<C: Candidate>(&self, backends: &[C]) {
+        if let Selector::LeastConn(b) = self {
+            b.refresh_all(backends);
         }
     }
 }

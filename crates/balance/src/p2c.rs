@@ -3,7 +3,7 @@
 //! least-connections quality at O(1) cost, and no herd behaviour when many balancers share
 //! the same backends.
 
-use crate::least_conn::{less_loaded, LeastConn};
+use crate::least_conn::{less_loaded, scan};
 use crate::{bounded, splitmix64, Balancer, Candidate, PickContext};
 
 /// How many random draws to try for a usable backend before falling back to a full scan.
@@ -16,12 +16,12 @@ pub struct PowerOfTwoChoices;
 impl Balancer for PowerOfTwoChoices {
     fn pick<C: Candidate>(&self, backends: &[C], ctx: &PickContext<'_>) -> Option<usize> {
         if backends.len() <= 2 {
-            return LeastConn.pick(backends, ctx);
+            return scan(backends, ctx);
         }
         pick_two(backends, ctx, |a, b| {
             less_loaded(b.in_flight(), b.weight(), a.in_flight(), a.weight())
         })
-        .or_else(|| LeastConn.pick(backends, ctx))
+        .or_else(|| scan(backends, ctx))
     }
 }
 

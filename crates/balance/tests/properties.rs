@@ -165,3 +165,89 @@ fn maglev_disruption_of_other_keys_is_small() {
         .count();
     assert!(moved_others * 100 <= before.len(), "{moved_others}");
 }
+
+/// One step of a least_conn state change: which backend, and what happens to it.
+#[derive(Debug, Clone)]
+enum LoadChange {
+    Start(prop::sample::Index),
+    Finish(prop::sample::Index),
+    Eligible(prop::sample::Index, bool),
+    Weight(prop::sample::Index, u32),
+}
+
+fn load_change() -> impl Strategy<Value = LoadChange> {
+    prop_oneof![
+        4 => any::<prop::sample::Index>().prop_map(LoadChange::Start),
+        3 => any::<prop::sample::Index>().prop_map(LoadChange::Finish),
+        1 => (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(i, e)| LoadChange::Eligible(i, e)),
+        1 => (any::<prop::sample::Index>(), 0u32..300).prop_map(|(i, w)| LoadChange::Weight(i, w)),
+    ]
+}
+
+/// The load key of the backend `index`, as the least_conn tree orders backends.
+fn key_of(backends: &[StaticCandidate], index: usize) -> Option<u64> {
+    fulcrum_balance::least_conn::load_key(backends[index].in_flight, backends[index].weight)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// After any sequence of in-flight, eligibility and weight changes, each followed by
+    /// `load_changed`, least_conn picks a backend with the minimum load key among the usable
+    /// ones (what the exact linear scan finds), at 3 backends (scan) and at 17..300 (tree).
+    #[test]
+    fn least_conn_tracks_the_minimum(
+        n in prop_oneof![Just(3usize), 17usize..300],
+        weights in prop::collection::vec(prop_oneof![Just(100u32), 1u32..300], 300),
+        changes in prop::collection::vec(load_change(), 1..200),
+        seed in any::<u64>(),
+    ) {
+        let ids = ids(seed, n);
+        let members: Vec<Member<'_>> = ids
+            .iter()
+            .zip(&weights)
+            .map(|(id, &weight)| Member { id, weight })
+            .collect();
+        let mut backends: Vec<StaticCandidate> =
+            weights[..n].iter().map(|&w| StaticCandidate::new(w)).collect();
+        let selector = Selector::build(Algorithm::LeastConn, &members, &BuildOptions::default());
+        selector.refresh_all(&backends);
+        let mut random = seed;
+        for change in changes {
+            let index = match change {
+                LoadChange::Start(i) => {
+                    let i = i.index(n);
+                    backends[i].in_flight += 1;
+                    i
+                }
+                LoadChange::Finish(i) => {
+                    let i = i.index(n);
+                    backends[i].in_flight = backends[i].in_flight.saturating_sub(1);
+                    i
+                }
+                LoadChange::Eligible(i, eligible) => {
+                    let i = i.index(n);
+                    backends[i].eligible = eligible;
+                    i
+                }
+                LoadChange::Weight(i, weight) => {
+                    let i = i.index(n);
+                    backends[i].weight = weight;
+                    i
+                }
+            };
+            selector.load_changed(index, &backends);
+            random = splitmix64(random);
+            let ctx = PickContext::with_random(random);
+            let picked = selector.pick(&backends, &ctx);
+            let best = fulcrum_balance::least_conn::scan(&backends, &ctx);
+            match (picked, best) {
+                (Some(p), Some(b)) => {
+                    prop_assert!(ctx.usable(p, &backends[p]));
+                    prop_assert_eq!(key_of(&backends, p), key_of(&backends, b));
+                }
+                (p, b) => prop_assert_eq!(p, b),
+            }
+        }
+    }
+}

@@ -196,3 +196,43 @@ async fn slow_start_holds_a_new_backend_at_a_tenth_then_releases_it() {
     let got = counts.get("b").copied().unwrap_or(0);
     assert!((450..=550).contains(&got), "{counts:?}");
 }
+
+/// least_conn over 20 backends, past the exact-scan size: picks come from its min-tree of
+/// loads, fed by every request start and end. One backend answering 200 ms late keeps
+/// requests in flight and so gets few; the 19 others share the rest; nothing stays counted
+/// in flight afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_over_many_backends_avoids_the_busy_one() {
+    let _serial = SERIAL.lock().await;
+    let backends: Vec<Proc> = (0..20)
+        .map(|i| backend(&format!("b{i}"), if i == 7 { 200 } else { 0 }))
+        .collect();
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    let lb = balancer(&list, "algorithm = \"least_conn\"");
+    let (counts, failures) = spread(&format!("http://{}/", lb.addr), REQUESTS, CLIENTS).await;
+    eprintln!("least_conn over 20: {counts:?}");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.values().sum::<usize>(), REQUESTS, "{counts:?}");
+    let slow = counts.get("b7").copied().unwrap_or(0);
+    // A fair share would be 100 of 2000.
+    assert!(
+        slow * 40 < REQUESTS,
+        "the busy backend got {slow}: {counts:?}"
+    );
+    for i in (0..20).filter(|&i| i != 7) {
+        let got = counts.get(&format!("b{i}")).copied().unwrap_or(0);
+        assert!(got * 40 > REQUESTS, "b{i} got {got}: {counts:?}");
+    }
+    assert_eq!(
+        admin_get(&lb, "/api/pools/app").await["algorithm"],
+        "least_conn"
+    );
+    let drained = eventually(Duration::from_secs(5), || async {
+        app_backends(&lb)
+            .await
+            .values()
+            .all(|b| b["in_flight"].as_u64() == Some(0))
+    })
+    .await;
+    assert!(drained, "{:?}", app_backends(&lb).await);
+}

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,10 @@ pub struct BackendState {
     ramp_start_ns: AtomicU64,
     /// Slow-start factor in percent (10..=100), advanced by the pool manager's housekeeping.
     ramp_percent: AtomicU8,
+    /// This backend's index in its pool's current snapshot ([`NO_SLOT`] when it is in none):
+    /// where in-flight changes are reported to a selector that tracks load (least_conn's
+    /// tree). Set when a snapshot is built; checked against the snapshot before use.
+    slot: AtomicUsize,
     /// Peak-EWMA of the time from sending a request to receiving the response head.
     pub latency: PeakEwma,
     /// Idle keep-alive connections to this backend.
@@ -89,6 +93,7 @@ impl Backend {
             slow_start_ns: AtomicU64::new(0),
             ramp_start_ns: AtomicU64::new(0),
             ramp_percent: AtomicU8::new(100),
+            slot: AtomicUsize::new(NO_SLOT),
             latency: PeakEwma::default(),
             connections: ConnectionPool::new(address),
             sessions: SessionStats::default(),
@@ -111,14 +116,35 @@ impl Backend {
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             backend: self.clone(),
+            pool: None,
         }
     }
+
+    /// Whether `self` and `other` are the same backend (not merely the same address).
+    #[inline]
+    pub fn same(&self, other: &Backend) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
+
+/// [`BackendState`]'s slot value for "in no snapshot".
+pub(crate) const NO_SLOT: usize = usize::MAX;
 
 impl BackendState {
     /// The weight from the configuration or the admin API.
     pub fn configured_weight(&self) -> u32 {
         self.configured_weight.load(Ordering::Relaxed)
+    }
+
+    /// This backend's index in its pool's latest snapshot ([`NO_SLOT`]: none).
+    #[inline]
+    pub(crate) fn slot(&self) -> usize {
+        self.slot.load(Ordering::Relaxed)
+    }
+
+    /// Records this backend's index in the snapshot being built.
+    pub(crate) fn set_slot(&self, slot: usize) {
+        self.slot.store(slot, Ordering::Relaxed);
     }
 
     /// Requests in flight now.
@@ -538,6 +564,9 @@ impl Candidate for Backend {
 #[derive(Debug)]
 pub struct InFlightGuard {
     backend: Backend,
+    /// The pool to tell about the release, when its selector tracks load (see
+    /// [`super::Pool::start_request`]); `None` otherwise, so other algorithms pay nothing.
+    pub(super) pool: Option<Arc<super::Pool>>,
 }
 
 impl InFlightGuard {
@@ -562,6 +591,9 @@ impl Drop for AwaitingGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pool) = &self.pool {
+            pool.load_changed(&self.backend);
+        }
     }
 }
 

@@ -715,6 +715,9 @@ impl PoolManager {
         };
         if weights_changed || before != self.retiring.len() {
             self.publish();
+        } else {
+            // least_conn's tree: health and eligibility changes reach it within a tick.
+            self.pool.refresh_load();
         }
     }
 

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use fulcrum_balance::{Algorithm, Balancer, BuildOptions, Member, PickContext, Selector};
 use serde::Serialize;
 
+use backend::NO_SLOT;
 pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
 pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
 
@@ -113,12 +114,19 @@ pub struct PoolSnapshot {
 }
 
 impl PoolSnapshot {
-    /// Builds a snapshot (and its selector) over `backends`.
+    /// Builds a snapshot (and its selector) over `backends`, and records each backend's
+    /// index in it (see [`Pool::load_changed`]).
     pub fn build(
         settings: Arc<PoolSettings>,
         backends: Vec<Backend>,
         retiring: Vec<Backend>,
     ) -> Self {
+        for backend in &retiring {
+            backend.set_slot(NO_SLOT);
+        }
+        for (index, backend) in backends.iter().enumerate() {
+            backend.set_slot(index);
+        }
         let built_weights: Vec<u32> = backends.iter().map(|b| b.balancing_weight()).collect();
         let members: Vec<Member<'_>> = backends
             .iter()
@@ -130,6 +138,7 @@ impl PoolSnapshot {
             ..BuildOptions::default()
         };
         let selector = Selector::build(settings.algorithm, &members, &options);
+        selector.refresh_all(&backends);
         PoolSnapshot {
             backends,
             selector,
@@ -202,6 +211,53 @@ impl Pool {
     /// Publishes a new snapshot. Only the pool's manager calls this.
     pub(crate) fn publish(&self, snapshot: PoolSnapshot) {
         self.snapshot.store(Arc::new(snapshot));
+        // In-flight changes between the build and the store went to the old snapshot.
+        self.refresh_load();
+    }
+
+    /// Counts a request as started on `backend` (of `snapshot`, this pool's snapshot the
+    /// request picked from). When the pool's selector tracks load (least_conn over many
+    /// backends), it is told now and again when the guard drops; for every other algorithm
+    /// this is exactly [`Backend::start_request`].
+    #[inline]
+    pub fn start_request(
+        self: &Arc<Self>,
+        snapshot: &PoolSnapshot,
+        backend: &Backend,
+    ) -> InFlightGuard {
+        let mut guard = backend.start_request();
+        if snapshot.selector.tracks_load() {
+            self.load_changed(backend);
+            guard.pool = Some(self.clone());
+        }
+        guard
+    }
+
+    /// Tells the *current* snapshot's selector that `backend`'s in-flight count changed. A
+    /// request can outlive the snapshot it picked from, so the backend's slot (recorded at
+    /// build) is checked against the current snapshot: a backend no longer in it (or a
+    /// snapshot not yet published) is skipped, and the next refresh covers it.
+    pub fn load_changed(&self, backend: &Backend) {
+        let snapshot = self.snapshot.load();
+        let slot = backend.slot();
+        if snapshot
+            .backends
+            .get(slot)
+            .is_some_and(|current| current.same(backend))
+        {
+            snapshot.selector.load_changed(slot, &snapshot.backends);
+        }
+    }
+
+    /// Recomputes the current selector's live-load state from every backend (least_conn's
+    /// tree; nothing for other algorithms). The manager calls it on every housekeeping tick:
+    /// health, eligibility and weight changes that no in-flight change reported reach the
+    /// tree within one tick.
+    pub fn refresh_load(&self) {
+        let snapshot = self.snapshot.load();
+        if snapshot.selector.tracks_load() {
+            snapshot.selector.refresh_all(&snapshot.backends);
+        }
     }
 
     /// Takes one retry from the budget; false when the budget is spent.
@@ -349,6 +405,99 @@ impl BackendStatus {
                 let ns = fulcrum_balance::Candidate::latency_ns(backend, crate::clock::now_ns());
                 (ns > 0).then(|| ns as f64 / 1e6)
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use fulcrum_balance::splitmix64;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(algorithm: &str, n: usize) -> Arc<Pool> {
+        let backends: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 10000 + i))
+            .collect();
+        let text = format!(
+            "[listeners.web]\nlisten = \"127.0.0.1:8080\"\nprotocol = \"http\"\npool = \"app\"\n\n\
+             [pools.app]\nalgorithm = \"{algorithm}\"\nbackends = [{}]\n",
+            backends.join(", ")
+        );
+        let config = Config::parse(&text, Path::new("test.toml")).unwrap();
+        Pool::from_config("app", &config.pools["app"])
+    }
+
+    fn picks(pool: &Pool) -> Vec<String> {
+        let snapshot = pool.snapshot();
+        (0..50)
+            .map(|r| {
+                let index = snapshot
+                    .pick(&PickContext::with_random(splitmix64(r)))
+                    .unwrap();
+                snapshot.backends[index].id.clone()
+            })
+            .collect()
+    }
+
+    /// least_conn over 40 backends keeps a tree fed by request starts and ends, also for
+    /// requests that outlive the snapshot they picked from.
+    #[test]
+    fn least_conn_tree_follows_requests_across_rebuilds() {
+        let pool = pool("least_conn", 40);
+        let first = pool.snapshot();
+        assert!(first.selector.tracks_load());
+        // Two requests on every backend, one on 127.0.0.1:10017: it is the least loaded.
+        let mut guards: Vec<(String, InFlightGuard)> = Vec::new();
+        for (i, backend) in first.backends.iter().enumerate() {
+            for _ in 0..if i == 17 { 1 } else { 2 } {
+                guards.push((backend.id.clone(), pool.start_request(&first, backend)));
+            }
+        }
+        assert!(picks(&pool).iter().all(|id| id == "127.0.0.1:10017"));
+        // Membership changes (order reversed, 10003 removed): every backend moves slot.
+        let mut members = first.backends.clone();
+        members.reverse();
+        let removed = members.remove(36);
+        assert_eq!(removed.id, "127.0.0.1:10003");
+        pool.publish(PoolSnapshot::build(
+            first.settings.clone(),
+            members,
+            vec![removed],
+        ));
+        drop(first);
+        // Requests that picked from the old snapshot end: 10005 becomes the least loaded
+        // (the new tree hears of it at its new slot), the removed backend's ends go nowhere.
+        guards.retain(|(id, _)| id != "127.0.0.1:10005" && id != "127.0.0.1:10003");
+        assert!(picks(&pool).iter().all(|id| id == "127.0.0.1:10005"));
+        // Requests started on the new snapshot count too.
+        let current = pool.snapshot();
+        let ten_five = current
+            .backends
+            .iter()
+            .find(|b| b.id == "127.0.0.1:10005")
+            .unwrap();
+        let more: Vec<InFlightGuard> = (0..3)
+            .map(|_| pool.start_request(&current, ten_five))
+            .collect();
+        assert!(picks(&pool).iter().all(|id| id == "127.0.0.1:10017"));
+        drop(more);
+        assert!(picks(&pool).iter().all(|id| id == "127.0.0.1:10005"));
+    }
+
+    /// Other algorithms (and least_conn over few backends) attach nothing to the guard.
+    #[test]
+    fn other_algorithms_pay_nothing() {
+        for (algorithm, n) in [("peak_ewma", 40), ("p2c", 40), ("least_conn", 3)] {
+            let pool = pool(algorithm, n);
+            let snapshot = pool.snapshot();
+            assert!(!snapshot.selector.tracks_load());
+            let guard = pool.start_request(&snapshot, &snapshot.backends[0]);
+            assert!(guard.pool.is_none(), "{algorithm}");
+            assert_eq!(snapshot.backends[0].in_flight_count(), 1);
         }
     }
 }

@@ -259,7 +259,7 @@ impl HttpProxy {
         mut request: Request<RequestBody>,
     ) -> Exchange {
         let settings = &*snapshot.settings;
-        let guard = backend.start_request();
+        let guard = self.pool.start_request(snapshot, backend);
         loop {
             let _awaiting = backend.await_answer();
             let sent_ns = now_ns();

@@ -334,7 +334,7 @@ impl TcpProxy {
             tracing::warn!(listener = %self.http.listener, pool = %self.http.pool.name, %client, "no backend available; closing the connection");
             return;
         };
-        let _guard = backend.start_request();
+        let _guard = self.http.pool.start_request(snapshot, &backend);
         // A session waits for its backend as long as it lasts (peak-EWMA's pending count).
         let _awaiting = backend.await_answer();
         backend.record_success();

@@ -166,7 +166,7 @@ impl HttpProxy {
                     continue;
                 }
             };
-            let guard = backend.start_request();
+            let guard = self.pool.start_request(snapshot, backend);
             let awaiting = backend.await_answer();
             let response = match tokio::time::timeout(
                 settings.request_timeout,
