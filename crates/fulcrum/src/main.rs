@@ -90,6 +90,11 @@ enum Command {
     Agent(fulcrum::agent::AgentArgs),
 }
 
+/// mimalloc instead of the system allocator: see the README's Performance section for the
+/// measured difference in CPU per request and in idle-connection memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(cli) {
