@@ -668,6 +668,7 @@ pub(crate) fn client_service(
 > + Clone
        + Send
        + 'static {
+    let client_ip = crate::proxy::headers::client_ip_value(client.ip());
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         if crate::proxy::upgrade::is_upgrade(&request) {
             request
@@ -675,7 +676,8 @@ pub(crate) fn client_service(
                 .insert(crate::proxy::upgrade::ClientSlot(slot.clone()));
         }
         let proxy = proxy.clone();
-        async move { proxy.handle(request, client).await }
+        let client_ip = client_ip.clone();
+        async move { proxy.handle(request, client, client_ip).await }
     })
 }
 

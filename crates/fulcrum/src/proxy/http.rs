@@ -21,7 +21,7 @@ use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
-use crate::proxy::headers::{add_forwarded, remove_hop_by_hop};
+use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop};
 use crate::proxy::upstream::UpstreamConnection;
 
 /// Most backends one request can be tried on, whatever the config says (bounds the stack
@@ -114,11 +114,13 @@ impl HttpProxy {
         }
     }
 
-    /// Handles one client request. Never fails: errors become responses.
+    /// Handles one client request from `client` (whose address as a header value is
+    /// `client_ip`, made once per connection). Never fails: errors become responses.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
+        client_ip: HeaderValue,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let mut access = self
@@ -127,9 +129,10 @@ impl HttpProxy {
         let mut response = if crate::proxy::upgrade::is_upgrade(&request) {
             // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
             // large; inline it would be reserved in every request's future.
-            Box::pin(self.forward_upgrade(request, client, self.tunnel_idle_timeout)).await
+            Box::pin(self.forward_upgrade(request, client, &client_ip, self.tunnel_idle_timeout))
+                .await
         } else {
-            match prepare_request(request, client, self.scheme) {
+            match prepare_request(request, &client_ip, self.scheme) {
                 Ok(request) => self.forward(request, client.ip()).await,
                 Err(message) => local_response(StatusCode::BAD_REQUEST, message),
             }
@@ -409,17 +412,20 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &[u8]) -> Option<&'a [u8]> {
 
 /// Rewrites a client request for the backend: origin-form URI, HTTP/1.1, `Host` kept (or set
 /// from an HTTP/2 `:authority`), hop-by-hop headers removed, `X-Forwarded-*` added.
-pub(crate) fn prepare_request(
-    mut request: Request<Incoming>,
-    client: SocketAddr,
+pub(crate) fn prepare_request<B>(
+    mut request: Request<B>,
+    client_ip: &HeaderValue,
     scheme: &'static str,
-) -> Result<Request<Incoming>, &'static str> {
-    let host = match request.headers().get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+) -> Result<Request<B>, &'static str> {
+    let (host, mut host_header_present) = match request.headers().get(header::HOST) {
+        Some(host) => (Some(host.clone()), true),
+        None => (
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            false,
+        ),
     };
     if request.uri().authority().is_some() || request.uri().scheme().is_some() {
         let path = request
@@ -431,23 +437,27 @@ pub(crate) fn prepare_request(
             Uri::try_from(path).map_err(|_| "400 bad request: invalid request target")?;
     }
     let headers = request.headers_mut();
-    // `TE: trailers` says the client accepts trailers; gRPC needs it to reach the backend.
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    remove_hop_by_hop(headers);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if has_hop_by_hop(headers) {
+        // `TE: trailers` says the client accepts trailers; gRPC needs it to reach the backend.
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        remove_hop_by_hop(headers);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        // `Connection: host` would have removed it.
+        host_header_present = headers.contains_key(header::HOST);
     }
     if let Some(host) = &host {
-        if !headers.contains_key(header::HOST) {
+        if !host_header_present {
             headers.insert(header::HOST, host.clone());
         }
     }
-    add_forwarded(headers, client.ip(), scheme, host);
+    add_forwarded(headers, client_ip, scheme, host);
     *request.version_mut() = Version::HTTP_11;
     Ok(request)
 }
@@ -462,6 +472,59 @@ mod tests {
             builder = builder.header(*name, *value);
         }
         builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn requests_are_rewritten_for_the_backend() {
+        let client_ip = crate::proxy::headers::client_ip_value("10.0.0.9".parse().unwrap());
+        // Plain request: Host kept, X-Forwarded-* added, nothing else touched.
+        let plain = prepare_request(
+            request(
+                &[("host", "app.example"), ("x-forwarded-for", "1.2.3.4")],
+                "/a",
+            ),
+            &client_ip,
+            "http",
+        )
+        .unwrap();
+        let h = plain.headers();
+        assert_eq!(h["host"], "app.example");
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h.len(), 4);
+        // Hop-by-hop headers go, `TE: trailers` stays, and a Host the Connection header named
+        // is put back (the backend needs it).
+        let hop = prepare_request(
+            request(
+                &[
+                    ("host", "app.example"),
+                    ("connection", "keep-alive, host, x-secret"),
+                    ("x-secret", "1"),
+                    ("te", "trailers"),
+                    ("keep-alive", "timeout=5"),
+                ],
+                "/b",
+            ),
+            &client_ip,
+            "https",
+        )
+        .unwrap();
+        let h = hop.headers();
+        assert_eq!(h["host"], "app.example");
+        assert_eq!(h["te"], "trailers");
+        assert!(!h.contains_key("connection") && !h.contains_key("x-secret"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        // Absolute-form target without Host: origin-form, Host from the authority.
+        let absolute = prepare_request(
+            request(&[], "http://b.example:8080/c?d=1"),
+            &client_ip,
+            "http",
+        )
+        .unwrap();
+        assert_eq!(absolute.uri(), "/c?d=1");
+        assert_eq!(absolute.headers()["host"], "b.example:8080");
     }
 
     #[test]

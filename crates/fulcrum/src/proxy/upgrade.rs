@@ -90,6 +90,7 @@ impl HttpProxy {
         &self,
         mut request: Request<Incoming>,
         client: SocketAddr,
+        client_ip: &HeaderValue,
         idle_timeout: Duration,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut request);
@@ -126,7 +127,7 @@ impl HttpProxy {
         } else {
             request.headers().get(header::UPGRADE).cloned()
         };
-        let mut request = match prepare_request(request, client, self.scheme) {
+        let mut request = match prepare_request(request, client_ip, self.scheme) {
             Ok(request) => request,
             Err(message) => return local_response(StatusCode::BAD_REQUEST, message),
         };
