@@ -93,7 +93,11 @@ pub(crate) async fn serve(
     match first_bytes(&stream, settings.header_read_timeout, &mut drain).await {
         First::Closed => return,
         First::Http2 => {
-            serve_http2(&settings, stream, client, proxy, slot, &mut drain).await;
+            // Boxed, like the rounds below: a parked connection's task stays small.
+            Box::pin(serve_http2(
+                &settings, stream, client, proxy, slot, &mut drain,
+            ))
+            .await;
             return;
         }
         First::Http1 => {}
@@ -112,8 +116,7 @@ pub(crate) async fn serve(
             leftover,
             ctx: ctx.clone(),
         };
-        // Boxed: the round's state (hyper's connection) is only allocated while it runs, so
-        // a parked connection's task stays small.
+        // Boxed: the round's state (hyper's connection) is only allocated while it runs.
         let Some((back, rest)) = Box::pin(serve_round(&settings, io, &ctx, &mut drain)).await
         else {
             return;
@@ -125,6 +128,7 @@ pub(crate) async fn serve(
             continue;
         }
         // Parked: only the socket is held, until the client sends again.
+        tracing::trace!(client = %ctx.client, "idle connection parked");
         let mut probe = [0u8; 1];
         tokio::select! {
             biased;
@@ -264,13 +268,15 @@ async fn serve_round(
     }
     let parts = connection.into_parts()?;
     let io = parts.io.into_inner();
-    let mut rest = parts.read_buf;
-    if !io.leftover.is_empty() {
-        let mut joined = BytesMut::with_capacity(rest.len() + io.leftover.len());
-        joined.extend_from_slice(&rest);
-        joined.extend_from_slice(&io.leftover);
-        rest = joined.freeze();
-    }
+    // Copied out: `read_buf` shares hyper's whole read buffer (8 KiB or more), even empty.
+    let rest = if parts.read_buf.is_empty() && io.leftover.is_empty() {
+        Bytes::new()
+    } else {
+        let mut rest = BytesMut::with_capacity(parts.read_buf.len() + io.leftover.len());
+        rest.extend_from_slice(&parts.read_buf);
+        rest.extend_from_slice(&io.leftover);
+        rest.freeze()
+    };
     Some((io.stream, rest))
 }
 
