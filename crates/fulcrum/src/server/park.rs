@@ -12,7 +12,8 @@
 //!
 //! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
 //! never park. The server's graceful shutdown reaches every connection through a watch
-//! channel: a parked one closes at once, a served one finishes its requests first.
+//! channel: a parked one closes at once, a served one (at its next tick) finishes its
+//! requests first.
 
 use std::io;
 use std::net::SocketAddr;
@@ -200,11 +201,12 @@ async fn serve_http2(
         .auto
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
+    let mut drained = std::pin::pin!(drain.changed());
     let mut draining = false;
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
-            _ = drain.changed(), if !draining => {
+            _ = &mut drained, if !draining => {
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
@@ -238,14 +240,20 @@ async fn serve_round(
     let mut parking = false;
     let result = loop {
         tokio::select! {
+            biased;
             result = &mut connection => break result,
-            _ = drain.changed(), if !draining => {
-                // Shutting down: finish what is in flight, then really close.
-                draining = true;
-                state.parking.store(false, Relaxed);
-                Pin::new(&mut connection).graceful_shutdown();
-            }
-            _ = ticks.tick(), if !draining && !parking => {
+            _ = ticks.tick() => {
+                // The server's shutdown is noticed at a tick: polling the shared channel on
+                // every wake-up of every connection would take its lock on the hot path.
+                if !draining && drain.has_changed().unwrap_or(true) {
+                    // Finish what is in flight, then really close.
+                    draining = true;
+                    state.parking.store(false, Relaxed);
+                    Pin::new(&mut connection).graceful_shutdown();
+                }
+                if draining || parking {
+                    continue;
+                }
                 let active = state.active.swap(false, Relaxed);
                 let started = state.started.load(Relaxed);
                 // A round parks only once it has served a request: hyper then is idle
