@@ -202,3 +202,28 @@ async fn shutdown_closes_parked_connections_at_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn connection_behind_a_proxy_protocol_header_parks_too() {
+    use fulcrum::proxy::proxy_protocol::encode_v1;
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "accept_proxy_protocol = true\nheader_read_timeout = \"300ms\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    let front: SocketAddr = "203.0.113.9:4242".parse().unwrap();
+    stream
+        .write_all(encode_v1(front, lb.addr).as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        get_ok(&mut stream).await;
+        // Past header_read_timeout: only a parked connection is still open.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    get_ok(&mut stream).await;
+}

@@ -320,7 +320,9 @@ impl Drop for Finished<'_> {
     }
 }
 
-/// The connection's hyper service: [`client_service`] plus the request counts.
+/// The connection's hyper service: [`client_service`] plus the request counts. Written out
+/// rather than wrapping `client_service`: a wrapper future costs one more copy of the ~4 KB
+/// request future per request (callgrind: +1 000 instructions per request).
 fn service(
     ctx: Arc<Ctx>,
 ) -> impl hyper::service::Service<
