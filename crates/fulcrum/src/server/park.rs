@@ -421,3 +421,50 @@ impl AsyncWrite for ParkIo {
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(listener_extra: &str) -> Result<crate::config::Config, String> {
+        let text = format!(
+            "[listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n{listener_extra}\n\
+             [pools.app]\nbackends = [\"127.0.0.1:1\"]\n"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("test.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    fn settings(listener_extra: &str) -> ParkSettings {
+        let config = parse(listener_extra).expect("valid config");
+        let auto = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        ParkSettings::new(&config.listeners["web"], auto)
+    }
+
+    #[test]
+    fn tick_is_park_after_but_parks_before_the_header_timer_fires() {
+        let defaults = settings("");
+        assert_eq!(defaults.tick, Duration::from_secs(1));
+        assert_eq!(defaults.keep_alive_timeout, Duration::from_secs(75));
+        // hyper's header timer runs between requests: two ticks must fit in it.
+        let short = settings("header_read_timeout = \"900ms\"");
+        assert_eq!(short.tick, Duration::from_millis(300));
+        let tiny = settings("header_read_timeout = \"1ms\"\npark_after = \"10ms\"");
+        assert_eq!(tiny.tick, MIN_TICK);
+    }
+
+    #[test]
+    fn bad_park_settings_are_refused_with_their_rule() {
+        for (extra, rule) in [
+            ("park_after = \"5ms\"", "park_after must be at least 10ms"),
+            (
+                "keep_alive_timeout = \"0s\"",
+                "keep_alive_timeout must be longer than 0s",
+            ),
+            ("keep_alive_timeout = \"soon\"", "invalid duration \"soon\""),
+        ] {
+            let error = parse(extra).expect_err(extra);
+            assert!(error.contains(rule), "{extra}: {error}");
+        }
+    }
+}
