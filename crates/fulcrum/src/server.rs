@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +24,8 @@ use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
 use crate::tls::{CertStore, TlsListener};
+
+mod park;
 
 /// Pending connections the kernel queues per listener before accept.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -561,7 +563,10 @@ async fn serve_http(
     tls: Option<Arc<TlsListener>>,
 ) {
     let builder = Arc::new(http_builder(&config));
+    // TLS connections drain through `graceful`, plain ones (which park) through `drain`.
     let graceful = GracefulShutdown::new();
+    let park = Arc::new(park::ParkSettings::new(&config, builder.clone()));
+    let (drain, _) = watch::channel(());
     let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
         let (stream, client) = tokio::select! {
@@ -577,8 +582,8 @@ async fn serve_http(
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         if config.accept_proxy_protocol {
             serve_connection_after_proxy_header(
-                &builder,
-                &graceful,
+                &park,
+                &drain,
                 stream,
                 client,
                 proxy.clone(),
@@ -600,8 +605,8 @@ async fn serve_http(
             continue;
         }
         serve_connection(
-            &builder,
-            &graceful,
+            &park,
+            &drain,
             stream,
             client,
             proxy.clone(),
@@ -609,35 +614,34 @@ async fn serve_http(
         );
     }
     drop(listener);
+    drain.send_replace(());
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = async { tokio::join!(graceful.shutdown(), drain.closed()) } => {}
         _ = tokio::time::sleep(shutdown_timeout) => {
             tracing::warn!(timeout = ?shutdown_timeout, "shutdown timeout reached; closing remaining connections");
         }
     }
 }
 
+/// Serves a plain-TCP client connection in its own task; idle HTTP/1.1 connections park (see
+/// [`park`]). The server's shutdown reaches it through `drain`.
 fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+    park: &Arc<park::ParkSettings>,
+    drain: &watch::Sender<()>,
     stream: TcpStream,
     client: SocketAddr,
     proxy: Arc<HttpProxy>,
     (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
 ) {
     let slot = Arc::new(ConnectionSlot::new(permit, stats));
-    let _ = stream.set_nodelay(true);
-    let service = client_service(proxy, client, slot.clone());
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%client, %error, "client connection ended with an error");
-        }
-        drop(slot);
-    });
+    tokio::spawn(park::serve(
+        park.clone(),
+        stream,
+        client,
+        proxy,
+        slot,
+        drain.subscribe(),
+    ));
 }
 
 /// The next connection on `listener`. Accept errors (usually out of file descriptors) are
@@ -712,8 +716,8 @@ impl Drop for ConnectionSlot {
 /// PROXY protocol header (within `header_timeout`; a bad or missing one closes the connection)
 /// and serves the connection as coming from the client address it carries.
 fn serve_connection_after_proxy_header(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+    park: &Arc<park::ParkSettings>,
+    drain: &watch::Sender<()>,
     mut stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<HttpProxy>,
@@ -721,19 +725,13 @@ fn serve_connection_after_proxy_header(
     header_timeout: Duration,
 ) {
     let slot = Arc::new(ConnectionSlot::new(permit, stats));
-    let builder = builder.clone();
-    let watcher = graceful.watcher();
+    let park = park.clone();
+    let drain = drain.subscribe();
     tokio::spawn(async move {
         let header = crate::proxy::tcp::read_proxy_header(&mut stream, header_timeout, peer).await;
         if let Some(carried) = header {
             let client = carried.map_or(peer, |c| c.source);
-            let _ = stream.set_nodelay(true);
-            let service = client_service(proxy, client, slot.clone());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%client, %error, "client connection ended with an error");
-            }
+            park::serve(park, stream, client, proxy, slot, drain).await;
         }
-        drop(slot);
     });
 }

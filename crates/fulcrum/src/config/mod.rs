@@ -125,6 +125,14 @@ pub struct ListenerConfig {
     /// A client must send a complete request head within this time (408-style close).
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: ConfigDuration,
+    /// An HTTP/1.1 keep-alive client connection idle this long between requests is closed
+    /// (plain `http` listeners; `https` ones close at `header_read_timeout`).
+    #[serde(default = "default_keep_alive_timeout")]
+    pub keep_alive_timeout: ConfigDuration,
+    /// An HTTP/1.1 client connection without traffic for about this long (between one and two
+    /// times it) is parked: its HTTP state and buffers are freed until the client sends again.
+    #[serde(default = "default_park_after")]
+    pub park_after: ConfigDuration,
     /// Largest request head accepted; larger gets 431. At least 8 KiB.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
@@ -155,6 +163,13 @@ fn default_max_connections() -> usize {
 }
 fn default_header_read_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
+}
+fn default_keep_alive_timeout() -> ConfigDuration {
+    // nginx's default.
+    ConfigDuration(Duration::from_secs(75))
+}
+fn default_park_after() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(1))
 }
 fn default_max_header_bytes() -> usize {
     // 64 KiB: far above real browsers' heads (~1-8 KiB), small enough to bound memory per client.
@@ -472,6 +487,18 @@ impl Config {
                 return Err((
                     listener.pool.span(),
                     format!("listener `{name}`: idle_timeout must be longer than 0s"),
+                ));
+            }
+            if listener.keep_alive_timeout.0.is_zero() {
+                return Err((
+                    listener.pool.span(),
+                    format!("listener `{name}`: keep_alive_timeout must be longer than 0s"),
+                ));
+            }
+            if listener.park_after.0 < Duration::from_millis(10) {
+                return Err((
+                    listener.pool.span(),
+                    format!("listener `{name}`: park_after must be at least 10ms"),
                 ));
             }
             if listener.max_header_bytes < 8192 {

@@ -1,0 +1,470 @@
+//! Plain-TCP client connections that hold almost no memory while idle.
+//!
+//! hyper keeps an HTTP/1 connection's buffers (8 KiB to write, 8 KiB read), its boxed service
+//! future and its dispatcher for the connection's whole life, idle or not; and its
+//! `header_read_timeout` also runs while a keep-alive connection waits for its next request.
+//! So an HTTP/1.1 connection here is served in rounds: a hyper connection serves requests until
+//! the client has been silent for a tick (`park_after`, at most a third of
+//! `header_read_timeout`) with no request in flight; it is then closed gracefully without
+//! closing the socket, and taken apart (`into_parts`) to get the socket and any unparsed bytes
+//! back. The connection is *parked*: the task holds the socket alone, waits (up to
+//! `keep_alive_timeout`) for the client's next bytes, and starts a new round with them.
+//!
+//! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
+//! never park. The server's graceful shutdown reaches every connection through a watch
+//! channel: a parked one closes at once, a served one (at its next tick) finishes its
+//! requests first.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{client_service, ConnectionSlot};
+use crate::config::ListenerConfig;
+use crate::proxy::http::HttpProxy;
+
+/// What an HTTP/2 client with prior knowledge sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The shortest park tick, whatever the config says.
+const MIN_TICK: Duration = Duration::from_millis(10);
+
+/// How one listener serves its plain-TCP HTTP connections.
+pub(crate) struct ParkSettings {
+    http1: http1::Builder,
+    /// For HTTP/2 with prior knowledge.
+    auto: Arc<auto::Builder<TokioExecutor>>,
+    header_read_timeout: Duration,
+    keep_alive_timeout: Duration,
+    /// A connection parks at the first tick after a full tick without traffic.
+    tick: Duration,
+}
+
+impl ParkSettings {
+    /// The settings of `config`'s listener; `auto` serves its HTTP/2 connections.
+    pub(crate) fn new(config: &ListenerConfig, auto: Arc<auto::Builder<TokioExecutor>>) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout.0)
+            .max_buf_size(config.max_header_bytes)
+            .keep_alive(true);
+        let header_read_timeout = config.header_read_timeout.0;
+        // hyper's header timer also runs between requests: park (at most two ticks after the
+        // last traffic) before it closes the connection.
+        let tick = config
+            .park_after
+            .0
+            .min(header_read_timeout / 3)
+            .max(MIN_TICK);
+        ParkSettings {
+            http1,
+            auto,
+            header_read_timeout,
+            keep_alive_timeout: config.keep_alive_timeout.0,
+            tick,
+        }
+    }
+}
+
+/// Serves one plain-TCP client connection (already accepted, PROXY header already read) until
+/// it closes, times out, or the server shuts down (`drain` changes or is dropped).
+pub(crate) async fn serve(
+    settings: Arc<ParkSettings>,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    slot: Arc<ConnectionSlot>,
+    mut drain: watch::Receiver<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    match first_bytes(&stream, settings.header_read_timeout, &mut drain).await {
+        First::Closed => return,
+        First::Http2 => {
+            // Boxed, like the rounds below: a parked connection's task stays small.
+            Box::pin(serve_http2(
+                &settings, stream, client, proxy, slot, &mut drain,
+            ))
+            .await;
+            return;
+        }
+        First::Http1 => {}
+    }
+    let ctx = Arc::new(Ctx {
+        proxy,
+        client,
+        slot,
+        state: ConnState::default(),
+    });
+    let mut stream = stream;
+    let mut leftover = Bytes::new();
+    loop {
+        let io = ParkIo {
+            stream,
+            leftover,
+            ctx: ctx.clone(),
+        };
+        // Boxed: the round's state (hyper's connection) is only allocated while it runs.
+        let Some((back, rest)) = Box::pin(serve_round(&settings, io, &ctx, &mut drain)).await
+        else {
+            return;
+        };
+        stream = back;
+        leftover = rest;
+        if !leftover.is_empty() {
+            // Part of the next request head: hyper reads the rest (within its header timer).
+            continue;
+        }
+        // Parked: only the socket is held, until the client sends again.
+        tracing::trace!(client = %ctx.client, "idle connection parked");
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            biased;
+            _ = drain.changed() => return,
+            peeked = tokio::time::timeout(settings.keep_alive_timeout, stream.peek(&mut probe)) => {
+                match peeked {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // The client closed, the socket failed, or keep_alive_timeout passed.
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+/// What a new connection starts with.
+enum First {
+    /// Nothing within `header_read_timeout`, EOF, an error, or the server is shutting down.
+    Closed,
+    /// An HTTP/1 request.
+    Http1,
+    /// The HTTP/2 connection preface.
+    Http2,
+}
+
+/// Waits (up to `timeout`) for the client's first bytes and tells HTTP/2 prior knowledge from
+/// HTTP/1, without consuming anything.
+async fn first_bytes(
+    stream: &TcpStream,
+    timeout: Duration,
+    drain: &mut watch::Receiver<()>,
+) -> First {
+    let detect = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return First::Closed,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return First::Http1;
+            }
+            if n == H2_PREFACE.len() {
+                return First::Http2;
+            }
+            // A strict prefix of the preface: peek would return it again at once, so wait a
+            // little for the rest (rare: only HTTP/2 clients start with "PRI").
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = drain.changed() => First::Closed,
+        first = tokio::time::timeout(timeout, detect) => first.unwrap_or(First::Closed),
+    }
+}
+
+/// Serves an HTTP/2 connection to its end, shutting it down gracefully when `drain` fires.
+async fn serve_http2(
+    settings: &ParkSettings,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    slot: Arc<ConnectionSlot>,
+    drain: &mut watch::Receiver<()>,
+) {
+    let service = client_service(proxy, client, slot);
+    let connection = settings
+        .auto
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let mut drained = std::pin::pin!(drain.changed());
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = &mut drained, if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%client, %error, "client connection ended with an error");
+    }
+}
+
+/// One hyper HTTP/1 connection over `io`, until it ends (`None`: the connection is over,
+/// closed or upgraded) or parks (`Some`: the socket and the bytes read but not parsed).
+async fn serve_round(
+    settings: &ParkSettings,
+    io: ParkIo,
+    ctx: &Arc<Ctx>,
+    drain: &mut watch::Receiver<()>,
+) -> Option<(TcpStream, Bytes)> {
+    let state = &ctx.state;
+    state.parking.store(false, Relaxed);
+    state.active.store(false, Relaxed);
+    let round_start = state.started.load(Relaxed);
+    let mut connection = settings
+        .http1
+        .serve_connection(TokioIo::new(io), service(ctx.clone()))
+        .with_upgrades();
+    let mut ticks =
+        tokio::time::interval_at(tokio::time::Instant::now() + settings.tick, settings.tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
+    let mut parking = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = &mut connection => break result,
+            _ = ticks.tick() => {
+                // The server's shutdown is noticed at a tick: polling the shared channel on
+                // every wake-up of every connection would take its lock on the hot path.
+                if !draining && drain.has_changed().unwrap_or(true) {
+                    // Finish what is in flight, then really close.
+                    draining = true;
+                    state.parking.store(false, Relaxed);
+                    Pin::new(&mut connection).graceful_shutdown();
+                }
+                if draining || parking {
+                    continue;
+                }
+                let active = state.active.swap(false, Relaxed);
+                let started = state.started.load(Relaxed);
+                // A round parks only once it has served a request: hyper then is idle
+                // between requests and closes at once (a fresh hyper connection would
+                // instead answer its first request with `Connection: close`).
+                if !active && started != round_start && started == state.finished.load(Relaxed) {
+                    parking = true;
+                    state.parking.store(true, Relaxed);
+                    Pin::new(&mut connection).graceful_shutdown();
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(client = %ctx.client, %error, "client connection ended with an error");
+        return None;
+    }
+    if !state.parking.load(Relaxed) {
+        return None;
+    }
+    let parts = connection.into_parts()?;
+    let io = parts.io.into_inner();
+    // Copied out: `read_buf` shares hyper's whole read buffer (8 KiB or more), even empty.
+    let rest = if parts.read_buf.is_empty() && io.leftover.is_empty() {
+        Bytes::new()
+    } else {
+        let mut rest = BytesMut::with_capacity(parts.read_buf.len() + io.leftover.len());
+        rest.extend_from_slice(&parts.read_buf);
+        rest.extend_from_slice(&io.leftover);
+        rest.freeze()
+    };
+    Some((io.stream, rest))
+}
+
+/// What one HTTP/1 client connection shares between its rounds, its service and its socket.
+struct Ctx {
+    proxy: Arc<HttpProxy>,
+    client: SocketAddr,
+    slot: Arc<ConnectionSlot>,
+    state: ConnState,
+}
+
+/// Activity of one connection. One task touches it (hyper's connection, its service futures
+/// and its IO are all polled by the connection's task): loads and stores are enough.
+#[derive(Default)]
+struct ConnState {
+    /// Bytes read or written since the last tick.
+    active: AtomicBool,
+    /// A park is under way: hyper's closing of the socket is skipped.
+    parking: AtomicBool,
+    /// Requests whose service began (wrapping).
+    started: AtomicU32,
+    /// Requests whose service future completed or was dropped (wrapping).
+    finished: AtomicU32,
+}
+
+/// Counts a request as finished when its service future completes or is dropped.
+struct Finished<'a>(&'a ConnState);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let n = self.0.finished.load(Relaxed);
+        self.0.finished.store(n.wrapping_add(1), Relaxed);
+    }
+}
+
+/// The connection's hyper service: [`client_service`] plus the request counts. Written out
+/// rather than wrapping `client_service`: a wrapper future costs one more copy of the ~4 KB
+/// request future per request (callgrind: +1 000 instructions per request).
+fn service(
+    ctx: Arc<Ctx>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::proxy::body::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Send
+       + 'static {
+    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        if crate::proxy::upgrade::is_upgrade(&request) {
+            request
+                .extensions_mut()
+                .insert(crate::proxy::upgrade::ClientSlot(ctx.slot.clone()));
+        }
+        let ctx = ctx.clone();
+        let n = ctx.state.started.load(Relaxed);
+        ctx.state.started.store(n.wrapping_add(1), Relaxed);
+        async move {
+            let _finished = Finished(&ctx.state);
+            ctx.proxy.handle(request, ctx.client).await
+        }
+    })
+}
+
+/// The socket as hyper sees it: bytes left from the previous round first, activity recorded,
+/// and no shutdown while the connection parks.
+struct ParkIo {
+    stream: TcpStream,
+    leftover: Bytes,
+    ctx: Arc<Ctx>,
+}
+
+impl AsyncRead for ParkIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.leftover.is_empty() {
+            let n = this.leftover.len().min(buf.remaining());
+            buf.put_slice(&this.leftover.split_to(n));
+            this.ctx.state.active.store(true, Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() != before {
+            this.ctx.state.active.store(true, Relaxed);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for ParkIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            this.ctx.state.active.store(true, Relaxed);
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            this.ctx.state.active.store(true, Relaxed);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.ctx.state.parking.load(Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(listener_extra: &str) -> Result<crate::config::Config, String> {
+        let text = format!(
+            "[listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n{listener_extra}\n\
+             [pools.app]\nbackends = [\"127.0.0.1:1\"]\n"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("test.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    fn settings(listener_extra: &str) -> ParkSettings {
+        let config = parse(listener_extra).expect("valid config");
+        let auto = Arc::new(auto::Builder::new(TokioExecutor::new()));
+        ParkSettings::new(&config.listeners["web"], auto)
+    }
+
+    #[test]
+    fn tick_is_park_after_but_parks_before_the_header_timer_fires() {
+        let defaults = settings("");
+        assert_eq!(defaults.tick, Duration::from_secs(1));
+        assert_eq!(defaults.keep_alive_timeout, Duration::from_secs(75));
+        // hyper's header timer runs between requests: two ticks must fit in it.
+        let short = settings("header_read_timeout = \"900ms\"");
+        assert_eq!(short.tick, Duration::from_millis(300));
+        let tiny = settings("header_read_timeout = \"1ms\"\npark_after = \"10ms\"");
+        assert_eq!(tiny.tick, MIN_TICK);
+    }
+
+    #[test]
+    fn bad_park_settings_are_refused_with_their_rule() {
+        for (extra, rule) in [
+            ("park_after = \"5ms\"", "park_after must be at least 10ms"),
+            (
+                "keep_alive_timeout = \"0s\"",
+                "keep_alive_timeout must be longer than 0s",
+            ),
+            ("keep_alive_timeout = \"soon\"", "invalid duration \"soon\""),
+        ] {
+            let error = parse(extra).expect_err(extra);
+            assert!(error.contains(rule), "{extra}: {error}");
+        }
+    }
+}

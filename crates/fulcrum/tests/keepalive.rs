@@ -1,0 +1,226 @@
+//! End to end: idle HTTP/1.1 keep-alive client connections park (their hyper state freed)
+//! and come back on the same TCP connection; `keep_alive_timeout` (not `header_read_timeout`)
+//! bounds their idle time. Real `fulcrum` processes on 127.0.0.1, raw client sockets.
+//!
+//! The pauses here are the idle times under test (each a few ticks of `park_after`), not
+//! waits for readiness.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Config with one HTTP listener `web` (extra keys given) in front of `backend`.
+fn config(backend: SocketAddr, listener_extra: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listeners.web]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n{listener_extra}\n\n\
+         [pools.app]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+
+/// Reads one complete response (content-length or chunked) from `stream`, within 5 s.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut data = Vec::new();
+    let complete = |data: &[u8]| {
+        let text = String::from_utf8_lossy(data);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        for line in head.lines().skip(1) {
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    return body.len() >= value.trim().parse::<usize>().unwrap();
+                }
+            }
+        }
+        body.ends_with("0\r\n\r\n")
+    };
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        while !complete(&data) {
+            let n = stream.read(&mut buffer).await.expect("read response");
+            assert!(
+                n > 0,
+                "connection closed; got {:?}",
+                String::from_utf8_lossy(&data)
+            );
+            data.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no complete response in 5 s: {data:?}");
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// Waits (up to `limit`) for the server to close `stream`; returns how long that took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 64];
+    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
+        Err(_) => panic!("connection still open after {limit:?}"),
+    }
+}
+
+/// Sends one request on `stream` and asserts a 200 answer that keeps the connection open.
+async fn get_ok(stream: &mut TcpStream) {
+    stream.write_all(REQUEST).await.unwrap();
+    let response = read_response(stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_parks_and_serves_its_next_requests() {
+    let backend = backend("app", 0);
+    // Without parking, hyper would close the idle connection at header_read_timeout (600 ms).
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "header_read_timeout = \"600ms\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    for _ in 0..3 {
+        get_ok(&mut stream).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    // Pipelined requests after a park are all answered; the last one closes the connection.
+    let mut two = REQUEST.to_vec();
+    two.extend_from_slice(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(&two).await.unwrap();
+    let mut answers = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers));
+    assert!(read.await.is_ok(), "no close after Connection: close");
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_bounds_idle_clients_not_header_read_timeout() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "header_read_timeout = \"500ms\"\nkeep_alive_timeout = \"2s\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    get_ok(&mut stream).await;
+    // Then idle past keep_alive_timeout: Fulcrum closes it (parked 1-2 ticks after the
+    // answer, then 2 s).
+    let waited = closed_within(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(1900) && waited <= Duration::from_millis(3500),
+        "closed after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_split_across_the_park_point_is_answered() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr, "park_after = \"50ms\""), 1);
+    let (first, rest) = REQUEST.split_at(20);
+    // On a connection that served a request: the half head is kept while the connection parks.
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    for _ in 0..2 {
+        stream.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(rest).await.unwrap();
+        let response = read_response(&mut stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    get_ok(&mut stream).await;
+    // On a new connection's first request (no park before a first answer).
+    let mut fresh = TcpStream::connect(lb.addr).await.unwrap();
+    fresh.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fresh.write_all(rest).await.unwrap();
+    let response = read_response(&mut fresh).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    get_ok(&mut fresh).await;
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_at_header_read_timeout() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "header_read_timeout = \"500ms\"\nkeep_alive_timeout = \"10s\"",
+        ),
+        1,
+    );
+    let mut silent = TcpStream::connect(lb.addr).await.unwrap();
+    let waited = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(450) && waited <= Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let backend = backend("app", 0);
+    let mut lb = balancer_with(&config(backend.addr, "park_after = \"50ms\""), 1);
+    let mut parked = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut parked).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    lb.signal("TERM");
+    // The default shutdown_timeout is 30 s: closing within 3 s means nothing waited for it.
+    closed_within(&mut parked, Duration::from_secs(3)).await;
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        lb.logs()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn connection_behind_a_proxy_protocol_header_parks_too() {
+    use fulcrum::proxy::proxy_protocol::encode_v1;
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "accept_proxy_protocol = true\nheader_read_timeout = \"600ms\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    let front: SocketAddr = "203.0.113.9:4242".parse().unwrap();
+    stream
+        .write_all(encode_v1(front, lb.addr).as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        get_ok(&mut stream).await;
+        // Past header_read_timeout: only a parked connection is still open.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    get_ok(&mut stream).await;
+}
