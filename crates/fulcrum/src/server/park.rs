@@ -106,6 +106,7 @@ pub(crate) async fn serve(
     let ctx = Arc::new(Ctx {
         proxy,
         client,
+        client_ip: crate::proxy::headers::client_ip_value(client.ip()),
         slot,
         state: ConnState::default(),
     });
@@ -292,6 +293,8 @@ async fn serve_round(
 struct Ctx {
     proxy: Arc<HttpProxy>,
     client: SocketAddr,
+    /// `client`'s address as a header value, made once per connection.
+    client_ip: http::HeaderValue,
     slot: Arc<ConnectionSlot>,
     state: ConnState,
 }
@@ -343,7 +346,9 @@ fn service(
         ctx.state.started.store(n.wrapping_add(1), Relaxed);
         async move {
             let _finished = Finished(&ctx.state);
-            ctx.proxy.handle(request, ctx.client).await
+            ctx.proxy
+                .handle(request, ctx.client, ctx.client_ip.clone())
+                .await
         }
     })
 }
