@@ -699,7 +699,9 @@ def idle_rss(ctx, backends, count):
                             balancer.address, str(count)], cpus=ctx.client_cpus)
             match = read_line_matching(holder, r"^holding (\d+)", "idle connection holder",
                                        timeout=120)
-            time.sleep(0.5)  # let the balancer settle its buffers after the last answers
+            # Let the connections be idle for a moment, as idle connections are: 3 s covers
+            # Fulcrum's default park_after (1 s) and the peers' buffer release.
+            time.sleep(3)
             after = rss_kib(balancer.pids())
             held = established(balancer.address)
             if held is None:

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod discovery;
 pub mod events;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

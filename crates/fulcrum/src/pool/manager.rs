@@ -676,6 +676,8 @@ impl PoolManager {
     }
 
     fn housekeeping(&mut self) {
+        // Connections parked on this thread since: return their freed buffers to the OS.
+        crate::memory::collect_if_parked();
         self.refill_retry_budget();
         let now = Instant::now();
         let before = self.retiring.len();

@@ -131,6 +131,7 @@ pub(crate) async fn serve(
         }
         // Parked: only the socket is held, until the client sends again.
         tracing::trace!(client = %ctx.client, "idle connection parked");
+        crate::memory::connection_parked();
         let mut probe = [0u8; 1];
         tokio::select! {
             biased;
