@@ -786,8 +786,12 @@ def bulk(ctx, size):
                 skipped[kind] = why
                 log(f"  [bulk] {kind}: skipped: {why}")
                 continue
-            started[kind] = start_balancer(ctx, kind, [address], "roundrobin" if kind ==
-                                           "haproxy" else "round_robin", "tcp")
+            try:
+                started[kind] = start_balancer(ctx, kind, [address], "roundrobin" if kind ==
+                                               "haproxy" else "round_robin", "tcp")
+            except RuntimeError as error:
+                skipped[kind] = f"did not start: {error}"
+                log(f"  [bulk] {kind}: skipped: {skipped[kind]}")
         for name, balancer in started.items():  # warm-up, and the bytes are checked
             run_bulk(ctx, balancer.address if balancer else address, 64 << 20, verify=True)
         runs = {name: [] for name in started}
