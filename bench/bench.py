@@ -1299,11 +1299,11 @@ def targets(results):
         r = sf["p99"] / base["p99"]
         text = (f"wrk: p99 {sf['p99']:.2f} ms = {r:.1f}× all-healthy {base['p99']:.2f} ms "
                 f"({sf['algorithm']}, -c32)")
+        met = r <= 3
         if sf.get("oha_p99") and base.get("oha_p99"):
-            r = sf["oha_p99"] / base["oha_p99"]
-            text += (f"; oha (latencies as measured): p99 {sf['oha_p99']:.2f} ms = {r:.1f}× "
-                     f"all-healthy {base['oha_p99']:.2f} ms")
-        return text, "met" if r <= 3 else "not met"
+            text += (f"; oha (latencies as measured): p99 {sf['oha_p99']:.2f} ms = "
+                     f"{sf['oha_p99'] / base['oha_p99']:.1f}× all-healthy {base['oha_p99']:.2f} ms")
+        return text, "met" if met else "not met (by wrk; the oha figures are context)"
 
     def scaling_row():
         sc = results.get("scaling")
@@ -1359,13 +1359,11 @@ def targets(results):
             return "—", "not run"
         peers = ", ".join(f"{p} {s[p]['p99']:.2f} ms" for p in ("haproxy", "nginx") if p in s)
         text = f"wrk: {sf['p99']:.2f} ms ({sf['algorithm']}; {peers})"
-        p99 = sf["p99"]
         if sf.get("oha_p99"):
-            p99 = sf["oha_p99"]
             peers = ", ".join(f"{p} {s[p]['oha_p99']:.2f} ms" for p in ("haproxy", "nginx")
                               if s.get(p, {}).get("oha_p99"))
-            text += f"; oha (latencies as measured): {p99:.2f} ms ({peers})"
-        return text, "met" if p99 < 5 else "not met"
+            text += f"; oha (latencies as measured): {sf['oha_p99']:.2f} ms ({peers})"
+        return text, "met" if sf["p99"] < 5 else "not met (by wrk; the oha figures are context)"
 
     rows = [
         ("HTTP keep-alive, 3 backends, wrk -c64: CPU µs/req", "≤ 0.85 × each peer", cpu_row()),
