@@ -517,6 +517,9 @@ stream {{
         listen 127.0.0.1:{port};
         proxy_pass app;
         proxy_timeout 60s;
+        # Keep relaying the other way after one side half-closes (the echo checks and the
+        # bulk client shut down their sending side first); nginx ≥ 1.21.4, off by default.
+        proxy_half_close on;
     }}
 }}
 """
