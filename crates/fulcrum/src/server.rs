@@ -674,11 +674,7 @@ pub(crate) fn client_service(
        + 'static {
     let client_ip = crate::proxy::headers::client_ip_value(client.ip());
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        if crate::proxy::upgrade::is_upgrade(&request) {
-            request
-                .extensions_mut()
-                .insert(crate::proxy::upgrade::ClientSlot(slot.clone()));
-        }
+        crate::proxy::upgrade::attach_client_slot(&mut request, &slot);
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
         async move { proxy.handle(request, client, client_ip).await }

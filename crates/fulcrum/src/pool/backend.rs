@@ -103,11 +103,9 @@ impl Backend {
     /// Counts a request as sent and waiting for its answer until the guard is dropped. Unlike
     /// the in-flight count, this leaves out the time Fulcrum spends forwarding the response,
     /// which would make a busy balancer blame fast backends for its own queueing.
-    pub fn await_answer(&self) -> AwaitingGuard {
+    pub fn await_answer(&self) -> AwaitingGuard<'_> {
         self.awaiting.fetch_add(1, Ordering::Relaxed);
-        AwaitingGuard {
-            backend: self.clone(),
-        }
+        AwaitingGuard { backend: self }
     }
 
     /// Counts a request as started; the guard counts it finished when dropped.
@@ -576,13 +574,14 @@ impl InFlightGuard {
     }
 }
 
-/// Holds one waiting-for-an-answer slot on a backend (see [`Backend::await_answer`]).
+/// Holds one waiting-for-an-answer slot on a backend (see [`Backend::await_answer`]). It
+/// borrows the backend: it never outlives the exchange that holds the backend anyway.
 #[derive(Debug)]
-pub struct AwaitingGuard {
-    backend: Backend,
+pub struct AwaitingGuard<'a> {
+    backend: &'a BackendState,
 }
 
-impl Drop for AwaitingGuard {
+impl Drop for AwaitingGuard<'_> {
     fn drop(&mut self) {
         self.backend.awaiting.fetch_sub(1, Ordering::Relaxed);
     }

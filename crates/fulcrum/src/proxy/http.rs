@@ -90,6 +90,21 @@ impl HttpProxy {
         self
     }
 
+    /// A connect to `backend` failed: recorded with back-off and logged; the caller tries
+    /// another backend.
+    pub(crate) fn note_unreachable(
+        &self,
+        snapshot: &PoolSnapshot,
+        backend: &Backend,
+        error: &dyn std::fmt::Display,
+    ) {
+        self.note_failure(snapshot, backend, true);
+        tracing::warn!(
+            listener = %self.listener, pool = %self.pool.name, backend = %backend.address,
+            %error, "backend unreachable; trying another backend"
+        );
+    }
+
     /// Records a failed exchange with `backend`: failure counter, connect back-off (when
     /// `backoff`), and passive ejection, capped at the pool's `max_ejected_percent`.
     pub(crate) fn note_failure(&self, snapshot: &PoolSnapshot, backend: &Backend, backoff: bool) {
@@ -194,11 +209,7 @@ impl HttpProxy {
             let connection = match backend.connections.acquire(settings).await {
                 Ok(connection) => connection,
                 Err(error) => {
-                    self.note_failure(snapshot, backend, true);
-                    tracing::warn!(
-                        listener = %self.listener, pool = %pool.name, backend = %backend.address,
-                        %error, "backend unreachable; trying another backend"
-                    );
+                    self.note_unreachable(snapshot, backend, &error);
                     continue;
                 }
             };

@@ -28,6 +28,7 @@ use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::remove_hop_by_hop;
 use crate::proxy::http::{local_response, prepare_request, HttpProxy};
 use crate::proxy::tcp::relay;
+use crate::server::ConnectionSlot;
 
 /// Most backends one upgrade request is tried on (connect failures).
 const MAX_ATTEMPTS_CAP: usize = 8;
@@ -36,6 +37,14 @@ const MAX_ATTEMPTS_CAP: usize = 8;
 /// upgrade request's extensions by the server so the tunnel holds it for its whole life.
 #[derive(Clone)]
 pub struct ClientSlot(pub Arc<dyn std::any::Any + Send + Sync>);
+
+/// Gives an upgrade request its client connection's slot (the tunnel outlives hyper's
+/// connection, so it must keep the connection counted); other requests are left alone.
+pub(crate) fn attach_client_slot<B>(request: &mut Request<B>, slot: &Arc<ConnectionSlot>) {
+    if is_upgrade(request) {
+        request.extensions_mut().insert(ClientSlot(slot.clone()));
+    }
+}
 
 /// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an
 /// `Upgrade` header).
@@ -159,11 +168,7 @@ impl HttpProxy {
             let mut sender = match connect(backend, settings.connect_timeout).await {
                 Ok(sender) => sender,
                 Err(error) => {
-                    self.note_failure(snapshot, backend, true);
-                    tracing::warn!(
-                        listener = %self.listener, pool = %pool.name, backend = %backend.address,
-                        %error, "backend unreachable; trying another backend"
-                    );
+                    self.note_unreachable(snapshot, backend, &error);
                     continue;
                 }
             };

@@ -337,11 +337,7 @@ fn service(
 > + Send
        + 'static {
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        if crate::proxy::upgrade::is_upgrade(&request) {
-            request
-                .extensions_mut()
-                .insert(crate::proxy::upgrade::ClientSlot(ctx.slot.clone()));
-        }
+        crate::proxy::upgrade::attach_client_slot(&mut request, &ctx.slot);
         let ctx = ctx.clone();
         let n = ctx.state.started.load(Relaxed);
         ctx.state.started.store(n.wrapping_add(1), Relaxed);
