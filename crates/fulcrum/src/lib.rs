@@ -21,3 +21,4 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod workers;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use fulcrum::backend::{spawn_backend, spawn_tcp_echo, BackendOptions};
-use fulcrum::config::{Config, LogFormat};
+use fulcrum::config::{Config, LogFormat, RuntimeShape};
 use fulcrum::server::Server;
 
 /// Fulcrum: a fast, load-aware load balancer.
@@ -132,7 +132,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_logging(cli_format.unwrap_or(config.server.log_format));
-            runtime(config.server.workers)?.block_on(run_until_signal(config, Some(&path)))?;
+            main_runtime(&config.server)?.block_on(run_until_signal(config, Some(&path)))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -141,7 +141,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             autoscale,
         } => {
             init_logging(cli_format.unwrap_or_default());
-            runtime(0)?.block_on(async move {
+            main_runtime(&Default::default())?.block_on(async move {
                 let config = if autoscale {
                     fulcrum::demo::autoscaled_demo(listen, backends.max(4))?
                 } else {
@@ -211,7 +211,19 @@ fn execute(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// A multi-threaded runtime with `workers` threads (0 = one per core).
+/// The runtime `fulcrum run` starts on. With `runtime = "per_core"` (the default) it is a
+/// single-threaded runtime: it serves the listeners itself when there is one worker, and
+/// otherwise runs only the control plane while [`fulcrum::workers`] threads serve the
+/// listeners. With `runtime = "work_stealing"` it is a multi-threaded runtime with one thread
+/// per worker that does everything.
+fn main_runtime(server: &fulcrum::config::ServerConfig) -> Result<tokio::runtime::Runtime> {
+    match server.runtime {
+        RuntimeShape::PerCore => runtime(1),
+        RuntimeShape::WorkStealing => runtime(server.worker_count()),
+    }
+}
+
+/// A runtime with `workers` threads (0 = one per core): single-threaded for one.
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     // One worker: a current-thread runtime (no work-stealing queues, no cross-thread wake-ups),
     // measured cheaper per request than a one-worker multi-threaded runtime.

@@ -19,11 +19,12 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
-use crate::config::{Config, ListenerConfig, ListenerProtocol};
+use crate::config::{Config, ListenerConfig, ListenerProtocol, RuntimeShape};
 use crate::events::EventLog;
 use crate::pool::{Pool, PoolHandle, PoolManager};
 use crate::proxy::http::HttpProxy;
 use crate::tls::{CertStore, TlsListener};
+use crate::workers::Workers;
 
 mod park;
 
@@ -45,12 +46,12 @@ pub struct BoundListener {
     pub tcp: bool,
 }
 
-/// A listener's accept task and the switch that stops it.
+/// A listener's accept tasks (one per worker) and the switch that stops them.
 struct ListenerTask {
     config: ListenerConfig,
     bound: BoundListener,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     stats: Arc<ListenerStats>,
     /// TLS termination, for `https` listeners.
     tls: Option<Arc<TlsListener>>,
@@ -65,6 +66,29 @@ pub struct ListenerStats {
     pub accepted: AtomicU64,
     /// Client connections closed at accept because of `max_connections`.
     pub refused: AtomicU64,
+    /// Client connections accepted by each worker (how evenly the kernel spreads them).
+    pub accepted_by_worker: Box<[AtomicU64]>,
+}
+
+impl ListenerStats {
+    /// Counters for a listener served by `workers` accept loops.
+    pub fn new(workers: usize) -> Self {
+        ListenerStats {
+            accepted_by_worker: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            ..ListenerStats::default()
+        }
+    }
+
+    /// Counts a connection accepted on this thread's worker.
+    pub fn note_accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = self
+            .accepted_by_worker
+            .get(crate::workers::current_worker())
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What changes only on reload, behind one async mutex so reloads apply one at a time.
@@ -90,6 +114,8 @@ pub struct Server {
     autoscale_stats: ArcSwap<Vec<(String, Arc<AutoscaleStats>)>>,
     /// Reloads applied and refused since start.
     pub reloads: ReloadCounters,
+    /// Where listeners are served: per-core worker runtimes, or the current runtime.
+    workers: Workers,
 }
 
 /// Reload outcomes since start.
@@ -144,7 +170,15 @@ impl std::fmt::Display for ReloadReport {
 impl Server {
     /// Builds the pools and binds every listener; fails (with the listener's name and address)
     /// when one cannot be bound. Serving starts at once. `config_path` is what reloads re-read.
+    ///
+    /// With `runtime = "per_core"` and more than one worker, this starts the worker threads
+    /// (see [`crate::workers`]); call it once per process then.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Server>> {
+        let workers = match (config.server.runtime, config.server.worker_count()) {
+            (RuntimeShape::PerCore, count) if count > 1 => Workers::start(count)?,
+            _ => Workers::inline(),
+        };
+        tracing::info!(workers = config.server.worker_count(), runtime = %config.server.runtime, "starting");
         let (stop_managers, _) = watch::channel(false);
         let events = Arc::new(EventLog::default());
         let server = Arc::new(Server {
@@ -161,6 +195,7 @@ impl Server {
             listener_stats: ArcSwap::from_pointee(Vec::new()),
             autoscale_stats: ArcSwap::from_pointee(Vec::new()),
             reloads: ReloadCounters::default(),
+            workers,
         });
         server.apply(config).await?;
         Ok(server)
@@ -255,13 +290,14 @@ impl Server {
                 .get(name)
                 .is_some_and(|old| same_listener(&old.config, listener));
             if !unchanged {
-                let socket = bind(listener.listen.0).with_context(|| {
-                    format!(
-                        "cannot listen on {} for listener `{name}`",
-                        listener.listen.0
-                    )
-                })?;
-                to_start.push((name.clone(), listener.clone(), socket));
+                let sockets = bind(listener.listen.0, self.workers.sockets_per_listener())
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {} for listener `{name}`",
+                            listener.listen.0
+                        )
+                    })?;
+                to_start.push((name.clone(), listener.clone(), sockets));
             }
         }
         let old_pools = self.pools.load_full();
@@ -302,7 +338,7 @@ impl Server {
         let pools = self.pools.load_full();
         self.apply_autoscale(&mut running, &config, &pools);
 
-        for (name, listener_config, socket) in to_start {
+        for (name, listener_config, sockets) in to_start {
             let tunnel_idle_timeout = listener_config.idle_timeout.0;
             let pool = pools
                 .get(listener_config.pool.get_ref())
@@ -324,9 +360,10 @@ impl Server {
             let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
                 .with_tls(tls.is_some());
             let task = start_listener(
+                &self.workers,
                 &name,
                 listener_config,
-                socket,
+                sockets,
                 proxy.with_tunnel_idle_timeout(tunnel_idle_timeout),
                 self.shutdown_timeout,
                 tls,
@@ -436,7 +473,7 @@ impl Server {
         let mut tasks = Vec::new();
         for (_, listener) in listeners {
             let _ = listener.stop.send(true);
-            tasks.push(listener.task);
+            tasks.extend(listener.tasks);
         }
         for task in tasks {
             let _ = task.await;
@@ -466,14 +503,18 @@ fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
 }
 
 fn start_listener(
+    workers: &Workers,
     name: &str,
     config: ListenerConfig,
-    socket: TcpListener,
+    sockets: Vec<std::net::TcpListener>,
     proxy: HttpProxy,
     shutdown_timeout: Duration,
     tls: Option<Arc<TlsListener>>,
 ) -> Result<ListenerTask> {
-    let address = socket.local_addr()?;
+    let address = sockets
+        .first()
+        .context("no listening socket")?
+        .local_addr()?;
     let bound = BoundListener {
         name: name.to_string(),
         address,
@@ -482,43 +523,94 @@ fn start_listener(
         tcp: config.protocol == ListenerProtocol::Tcp,
     };
     let (stop, stopped) = watch::channel(false);
-    let stats = Arc::new(ListenerStats::default());
+    let stats = Arc::new(ListenerStats::new(workers.sockets_per_listener()));
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch_files(stopped.clone()));
     }
-    let task = if config.protocol == ListenerProtocol::Tcp {
-        tokio::spawn(crate::proxy::tcp::serve_tcp(
-            socket,
-            Arc::new(crate::proxy::tcp::TcpProxy::new(proxy, &config)),
-            config.max_connections,
-            stopped,
-            shutdown_timeout,
-            stats.clone(),
-        ))
+    // `max_connections` bounds the listener as a whole, across its workers.
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut sockets = sockets.into_iter().map(Some).collect::<Vec<_>>();
+    let (http_proxy, tcp_proxy) = if config.protocol == ListenerProtocol::Tcp {
+        let tcp = crate::proxy::tcp::TcpProxy::new(proxy, &config);
+        (None, Some(Arc::new(tcp)))
     } else {
-        tokio::spawn(serve_http(
-            socket,
-            Arc::new(proxy),
-            config.clone(),
-            stopped,
-            shutdown_timeout,
-            stats.clone(),
-            tls.clone(),
-        ))
+        (Some(Arc::new(proxy)), None)
     };
+    let tasks = workers.spawn_each(|worker| {
+        let socket = sockets[worker].take();
+        let accept = AcceptSettings {
+            limit: limit.clone(),
+            stop: stopped.clone(),
+            shutdown_timeout,
+            stats: stats.clone(),
+        };
+        let (http_proxy, tcp_proxy, config, tls) = (
+            http_proxy.clone(),
+            tcp_proxy.clone(),
+            config.clone(),
+            tls.clone(),
+        );
+        async move {
+            // Registered with the runtime of the worker that serves it.
+            let listener = match socket.map(TcpListener::from_std) {
+                Some(Ok(listener)) => listener,
+                Some(Err(error)) => {
+                    tracing::error!(%error, %address, "cannot serve a listening socket");
+                    return;
+                }
+                None => return,
+            };
+            match (tcp_proxy, http_proxy) {
+                (Some(tcp_proxy), _) => {
+                    crate::proxy::tcp::serve_tcp(
+                        listener,
+                        tcp_proxy,
+                        config.max_connections,
+                        accept,
+                    )
+                    .await
+                }
+                (None, Some(proxy)) => serve_http(listener, proxy, config, accept, tls).await,
+                (None, None) => {}
+            }
+        }
+    });
     Ok(ListenerTask {
         config,
         bound,
         stop,
-        task,
+        tasks,
         stats,
         tls,
     })
 }
 
-/// Binds a listening socket with SO_REUSEADDR, SO_REUSEPORT (so a reload or a second process
-/// can bind beside this one) and a deep backlog.
-fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+/// What every accept loop of one listener shares.
+pub struct AcceptSettings {
+    /// The listener's `max_connections`, across all its workers.
+    pub limit: Arc<Semaphore>,
+    /// Turns true when the listener must stop accepting and drain.
+    pub stop: watch::Receiver<bool>,
+    /// How long draining may take.
+    pub shutdown_timeout: Duration,
+    /// The listener's connection counters.
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Binds `count` listening sockets on `address` (one per worker; port 0 is resolved by the
+/// first) with SO_REUSEADDR, SO_REUSEPORT (so the kernel spreads connections over the workers,
+/// and a reload or a second process can bind beside them) and a deep backlog.
+fn bind(address: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_one(address)?;
+    let address = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(bind_one(address)?);
+    }
+    Ok(sockets)
+}
+
+fn bind_one(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(address),
@@ -531,7 +623,7 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Builds the hyper server for one listener: HTTP/1.1 with keep-alive and HTTP/2 prior
@@ -557,17 +649,20 @@ async fn serve_http(
     listener: TcpListener,
     proxy: Arc<HttpProxy>,
     config: ListenerConfig,
-    mut stop: watch::Receiver<bool>,
-    shutdown_timeout: Duration,
-    stats: Arc<ListenerStats>,
+    accept_settings: AcceptSettings,
     tls: Option<Arc<TlsListener>>,
 ) {
+    let AcceptSettings {
+        limit,
+        mut stop,
+        shutdown_timeout,
+        stats,
+    } = accept_settings;
     let builder = Arc::new(http_builder(&config));
     // TLS connections drain through `graceful`, plain ones (which park) through `drain`.
     let graceful = GracefulShutdown::new();
     let park = Arc::new(park::ParkSettings::new(&config, builder.clone()));
     let (drain, _) = watch::channel(());
-    let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
         let (stream, client) = tokio::select! {
             accepted = accept(&listener) => accepted,
@@ -579,7 +674,7 @@ async fn serve_http(
             drop(stream);
             continue;
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.note_accepted();
         if config.accept_proxy_protocol {
             serve_connection_after_proxy_header(
                 &park,

@@ -47,6 +47,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Worker threads; 0 (the default) means one per CPU core.
     pub workers: usize,
+    /// How the workers share the work: see [`RuntimeShape`].
+    pub runtime: RuntimeShape,
     /// How long a graceful shutdown waits for in-flight requests before closing them.
     pub shutdown_timeout: ConfigDuration,
     /// Log format: "text" (default) or "json".
@@ -59,10 +61,44 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers: 0,
+            runtime: RuntimeShape::PerCore,
             shutdown_timeout: ConfigDuration(Duration::from_secs(30)),
             log_format: LogFormat::Text,
             access_log: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The number of workers: `workers`, or the number of CPU cores when it is 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// `[server] runtime`: how the worker threads are organised.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeShape {
+    /// One single-threaded runtime per worker thread, one `SO_REUSEPORT` listener socket per
+    /// worker, per-worker upstream connection pools; a connection stays on the worker that
+    /// accepted it (see `workers.rs`).
+    #[default]
+    PerCore,
+    /// One multi-threaded tokio runtime with `workers` threads stealing work from each other,
+    /// one socket per listener.
+    WorkStealing,
+}
+
+impl std::fmt::Display for RuntimeShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RuntimeShape::PerCore => "per_core",
+            RuntimeShape::WorkStealing => "work_stealing",
+        })
     }
 }
 

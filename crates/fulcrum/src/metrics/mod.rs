@@ -233,6 +233,21 @@ impl Collector for ServerCollector {
                 )
             })
             .collect();
+        let by_worker: Vec<_> = listeners
+            .iter()
+            .filter(|(_, s)| s.accepted_by_worker.len() > 1)
+            .flat_map(|(n, s)| {
+                s.accepted_by_worker
+                    .iter()
+                    .enumerate()
+                    .map(move |(worker, count)| {
+                        (
+                            vec![("listener", n.clone()), ("worker", worker.to_string())],
+                            count.load(Ordering::Relaxed),
+                        )
+                    })
+            })
+            .collect();
         let refused: Vec<_> = listeners
             .iter()
             .map(|(n, s)| {
@@ -254,6 +269,14 @@ impl Collector for ServerCollector {
             "Client connections accepted by listener.",
             &accepted,
         )?;
+        if !by_worker.is_empty() {
+            counter(
+                &mut encoder,
+                "fulcrum_worker_connections_accepted",
+                "Client connections accepted by listener and worker (per-core runtime).",
+                &by_worker,
+            )?;
+        }
         counter(
             &mut encoder,
             "fulcrum_client_connections_refused",

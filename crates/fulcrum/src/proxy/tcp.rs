@@ -16,14 +16,13 @@ use std::time::{Duration, Instant};
 use fulcrum_balance::{splitmix64, PickContext};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::ListenerConfig;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::http::HttpProxy;
 use crate::proxy::proxy_protocol;
-use crate::server::ListenerStats;
+use crate::server::{AcceptSettings, ListenerStats};
 
 /// Copy buffer per direction. 64 KiB moves bulk data in few syscalls (the 8 KiB default costs
 /// measurably more CPU per byte) while keeping a session at 128 KiB of buffers.
@@ -416,11 +415,14 @@ pub async fn serve_tcp(
     listener: TcpListener,
     proxy: Arc<TcpProxy>,
     max_connections: usize,
-    mut stop: watch::Receiver<bool>,
-    shutdown_timeout: Duration,
-    stats: Arc<ListenerStats>,
+    accept_settings: AcceptSettings,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let AcceptSettings {
+        limit,
+        mut stop,
+        shutdown_timeout,
+        stats,
+    } = accept_settings;
     let mut sessions = JoinSet::new();
     loop {
         let (stream, client) = tokio::select! {
@@ -434,7 +436,7 @@ pub async fn serve_tcp(
             drop(stream);
             continue;
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.note_accepted();
         let open = OpenConnection::new(stats.clone());
         let proxy = proxy.clone();
         sessions.spawn(async move {

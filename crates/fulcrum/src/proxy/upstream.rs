@@ -28,8 +28,11 @@ use crate::proxy::body::RequestBody;
 type SendRequest<B> = http1::SendRequest<B>;
 
 /// Most idle connections kept per backend. Enough for a busy backend at high concurrency;
-/// the queue is preallocated, so this also bounds memory per backend (~10 KiB).
+/// the queues are preallocated, so this also bounds memory per backend (~10 KiB).
 const MAX_IDLE_PER_BACKEND: usize = 256;
+
+/// Fewest idle connections kept per backend and worker.
+const MIN_IDLE_PER_WORKER: usize = 64;
 
 /// HTTP/2 connections to backends are pinged this often; one unanswered that long is closed.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -211,10 +214,12 @@ struct IdleConnection {
     idle_since: Instant,
 }
 
-/// The idle keep-alive connections to one backend.
+/// The idle keep-alive connections to one backend: one queue per worker (see `workers.rs`),
+/// since a connection's task runs on the worker that opened it; reusing it from another
+/// worker would cost two cross-thread wake-ups per request.
 pub struct ConnectionPool {
     address: SocketAddr,
-    idle: ArrayQueue<IdleConnection>,
+    idle: Box<[ArrayQueue<IdleConnection>]>,
     stats: Arc<ConnectionStats>,
     /// The shared HTTP/2 connection, and the transport (by address) it was made with.
     h2: ArcSwapOption<(http2::SendRequest<RequestBody>, usize)>,
@@ -237,7 +242,7 @@ impl fmt::Debug for ConnectionPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionPool")
             .field("address", &self.address)
-            .field("idle", &self.idle.len())
+            .field("idle", &self.idle_count())
             .finish()
     }
 }
@@ -245,9 +250,11 @@ impl fmt::Debug for ConnectionPool {
 impl ConnectionPool {
     /// An empty pool for the backend at `address`.
     pub fn new(address: SocketAddr) -> Self {
+        let workers = crate::workers::worker_slots();
+        let per_worker = (MAX_IDLE_PER_BACKEND / workers).max(MIN_IDLE_PER_WORKER);
         ConnectionPool {
             address,
-            idle: ArrayQueue::new(MAX_IDLE_PER_BACKEND),
+            idle: (0..workers).map(|_| ArrayQueue::new(per_worker)).collect(),
             stats: Arc::default(),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -261,7 +268,13 @@ impl ConnectionPool {
 
     /// Number of idle connections held now.
     pub fn idle_count(&self) -> usize {
-        self.idle.len()
+        self.idle.iter().map(ArrayQueue::len).sum()
+    }
+
+    /// The idle queue of the worker running on this thread.
+    fn idle_here(&self) -> &ArrayQueue<IdleConnection> {
+        let worker = crate::workers::current_worker();
+        &self.idle[worker.min(self.idle.len() - 1)]
     }
 
     /// An idle connection if a live one is pooled (HTTP/1.1) or the shared connection
@@ -274,7 +287,8 @@ impl ConnectionPool {
             return self.acquire_h2(settings).await;
         }
         let idle_timeout = settings.idle_timeout;
-        while let Some(mut idle) = self.idle.pop() {
+        let queue = self.idle_here();
+        while let Some(mut idle) = queue.pop() {
             if idle.sender.is_closed() || idle.idle_since.elapsed() > idle_timeout {
                 continue;
             }
@@ -354,7 +368,9 @@ impl ConnectionPool {
     /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 one closes
     /// once its streams finish), so the next requests connect the pool's new way.
     pub fn clear(&self) {
-        while self.idle.pop().is_some() {}
+        for queue in &self.idle {
+            while queue.pop().is_some() {}
+        }
         self.h2.store(None);
     }
 
@@ -368,7 +384,7 @@ impl ConnectionPool {
         if sender.is_closed() {
             return;
         }
-        let _ = self.idle.push(IdleConnection {
+        let _ = self.idle_here().push(IdleConnection {
             sender,
             idle_since: Instant::now(),
         });
