@@ -8,7 +8,7 @@ sleep 0.5
 for i in 1 2 3; do addrs+=($(grep -o 'http://[^ ]*' $T/b$i.out | head -1 | sed 's#http://##')); done
 printf '[server]\nworkers = 1\n[listeners.web]\nlisten = "127.0.0.1:'$P'"\npool = "app"\nmax_connections = 20000\n[pools.app]\nalgorithm = "round_robin"\nbackends = ["%s", "%s", "%s"]\n' ${addrs[@]} > $T/f.toml
 ulimit -n 65536
-$EXTRA $BIN run --config $T/f.toml >/dev/null 2>&1 & fp=$!
+$EXTRA $BIN run --config $T/f.toml >/dev/null 2>${ERR:-/dev/null} & fp=$!
 sleep 0.5
 r0=$(awk '/VmRSS/{print $2}' /proc/$fp/status)
 python3 $(dirname "$0")/idle_conns.py 127.0.0.1:$P $N > $T/idle.out 2>&1 & ip=$!

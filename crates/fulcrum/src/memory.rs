@@ -4,8 +4,8 @@
 //! returns freed pages to the OS (after its purge delay) when the allocator is used again on
 //! the same thread, which an idle process never does. So parking marks the thread, and the
 //! thread asks mimalloc to collect: at once when it has not for a second, otherwise at the
-//! pool manager's next housekeeping tick on that thread (`collect_if_parked`). With
-//! `workers > 1` a thread's heap is collected when its own connections park.
+//! next housekeeping tick on that thread (`collect_if_parked`): the pool manager's with one
+//! worker, each worker thread's own 250 ms tick with per-core workers (`workers.rs`).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};

@@ -274,6 +274,16 @@ impl Server {
             pools_updated: vec![],
             pools_removed: vec![],
         };
+        let (old, new) = (&running.config.server, &config.server);
+        if !running.config.listeners.is_empty()
+            && (old.worker_count(), old.runtime) != (new.worker_count(), new.runtime)
+        {
+            tracing::warn!(
+                workers = new.worker_count(),
+                runtime = %new.runtime,
+                "[server] workers and runtime apply at start only: restart to change them"
+            );
+        }
         // Bind every new or changed listener first: if one fails, nothing changes.
         let mut to_start = Vec::new();
         // Certificates are (re)loaded now too, so a bad file refuses the whole reload.
