@@ -26,6 +26,8 @@ use crate::proxy::http::HttpProxy;
 use crate::tls::{CertStore, TlsListener};
 use crate::workers::Workers;
 
+#[cfg(target_os = "linux")]
+mod lot;
 mod park;
 
 /// Pending connections the kernel queues per listener before accept.
@@ -68,6 +70,8 @@ pub struct ListenerStats {
     pub refused: AtomicU64,
     /// Client connections accepted by each worker (how evenly the kernel spreads them).
     pub accepted_by_worker: Box<[AtomicU64]>,
+    /// Idle client connections parked in the listener's parking lots now (Linux).
+    pub parked: Arc<AtomicU64>,
 }
 
 impl ListenerStats {
@@ -673,6 +677,9 @@ async fn serve_http(
     let graceful = GracefulShutdown::new();
     let park = Arc::new(park::ParkSettings::new(&config, builder.clone()));
     let (drain, _) = watch::channel(());
+    if tls.is_none() {
+        park.start_lot(drain.subscribe(), stats.parked.clone());
+    }
     loop {
         let (stream, client) = tokio::select! {
             accepted = accept(&listener) => accepted,

@@ -224,3 +224,60 @@ async fn connection_behind_a_proxy_protocol_header_parks_too() {
     }
     get_ok(&mut stream).await;
 }
+
+/// `fulcrum_client_connections_parked{listener="web"}` as the metrics show it now.
+async fn parked_now(lb: &Proc) -> u64 {
+    let metrics = metrics_text(lb).await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("fulcrum_client_connections_parked{listener=\"web\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no parked gauge:\n{metrics}"))
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn idle_connections_wait_in_the_parking_lot_and_come_back_from_it() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr, "park_after = \"50ms\""), 1);
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+        get_ok(&mut stream).await;
+        streams.push(stream);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            parked_now(&lb).await == 5
+        })
+        .await,
+        "5 idle connections parked in the lot: {}",
+        parked_now(&lb).await
+    );
+    // Each one leaves the lot when its client sends, and is served on the same connection.
+    for stream in &mut streams {
+        get_ok(stream).await;
+    }
+    // A client that closes while parked leaves the lot too.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            parked_now(&lb).await == 5
+        })
+        .await,
+        "parked again"
+    );
+    streams.truncate(2);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            parked_now(&lb).await == 2
+        })
+        .await,
+        "closed clients leave the lot: {}",
+        parked_now(&lb).await
+    );
+    let metrics = metrics_text(&lb).await;
+    assert!(
+        metrics.contains("fulcrum_client_connections_open{listener=\"web\"} 2"),
+        "{metrics}"
+    );
+}

@@ -233,6 +233,15 @@ impl Collector for ServerCollector {
                 )
             })
             .collect();
+        let parked: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.parked.load(Ordering::Relaxed) as i64,
+                )
+            })
+            .collect();
         let by_worker: Vec<_> = listeners
             .iter()
             .filter(|(_, s)| s.accepted_by_worker.len() > 1)
@@ -268,6 +277,12 @@ impl Collector for ServerCollector {
             "fulcrum_client_connections_accepted",
             "Client connections accepted by listener.",
             &accepted,
+        )?;
+        gauge(
+            &mut encoder,
+            "fulcrum_client_connections_parked",
+            "Idle keep-alive client connections parked (no task, no buffers) by listener.",
+            &parked,
         )?;
         if !by_worker.is_empty() {
             counter(

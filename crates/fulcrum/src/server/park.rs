@@ -7,8 +7,10 @@
 //! the client has been silent for a tick (`park_after`, at most a third of
 //! `header_read_timeout`) with no request in flight; it is then closed gracefully without
 //! closing the socket, and taken apart (`into_parts`) to get the socket and any unparsed bytes
-//! back. The connection is *parked*: the task holds the socket alone, waits (up to
-//! `keep_alive_timeout`) for the client's next bytes, and starts a new round with them.
+//! back. The connection is *parked*: on Linux it moves to the listener's parking lot
+//! (`lot.rs`: the socket leaves tokio for a private epoll set and the task ends), elsewhere
+//! the task holds the socket alone. When the client sends again (within
+//! `keep_alive_timeout`), a new round starts with its bytes.
 //!
 //! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
 //! never park. The server's graceful shutdown reaches every connection through a watch
@@ -51,6 +53,9 @@ pub(crate) struct ParkSettings {
     keep_alive_timeout: Duration,
     /// A connection parks at the first tick after a full tick without traffic.
     tick: Duration,
+    /// Where parked connections wait, once [`ParkSettings::start_lot`] ran.
+    #[cfg(target_os = "linux")]
+    lot: std::sync::OnceLock<super::lot::Lot<Arc<Ctx>>>,
 }
 
 impl ParkSettings {
@@ -76,7 +81,53 @@ impl ParkSettings {
             header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout.0,
             tick,
+            #[cfg(target_os = "linux")]
+            lot: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Opens the parking lot of these settings' listener on the current runtime (the worker's)
+    /// and serves it until `drain` changes: connections parked there resume in new tasks. Without
+    /// it (or off Linux) a parked connection waits in its own task.
+    /// `gauge` counts the connections parked in it.
+    pub(crate) fn start_lot(
+        self: &Arc<Self>,
+        drain: watch::Receiver<()>,
+        gauge: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        #[cfg(target_os = "linux")]
+        {
+            let lot = match super::lot::Lot::new(self.keep_alive_timeout, gauge) {
+                Ok(lot) => lot,
+                Err(error) => {
+                    tracing::warn!(%error, "no parking lot: idle connections wait in their own tasks");
+                    return;
+                }
+            };
+            if self.lot.set(lot).is_err() {
+                return;
+            }
+            let settings = self.clone();
+            tokio::spawn(async move {
+                let mut drain = drain;
+                let resume_drain = drain.clone();
+                let Some(lot) = settings.lot.get() else {
+                    return;
+                };
+                lot.run(&mut drain, |stream, ctx| {
+                    tokio::spawn(serve_rounds(
+                        settings.clone(),
+                        stream,
+                        ctx,
+                        Bytes::new(),
+                        resume_drain.clone(),
+                    ));
+                })
+                .await;
+            });
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (drain, gauge);
     }
 }
 
@@ -110,8 +161,18 @@ pub(crate) async fn serve(
         slot,
         state: ConnState::default(),
     });
-    let mut stream = stream;
-    let mut leftover = Bytes::new();
+    serve_rounds(settings, stream, ctx, Bytes::new(), drain).await;
+}
+
+/// Serves an HTTP/1 connection in rounds (the first starting with `leftover`, bytes already
+/// read from `stream`) until it ends or parks in the lot.
+async fn serve_rounds(
+    settings: Arc<ParkSettings>,
+    mut stream: TcpStream,
+    mut ctx: Arc<Ctx>,
+    mut leftover: Bytes,
+    mut drain: watch::Receiver<()>,
+) {
     loop {
         let io = ParkIo {
             stream,
@@ -129,9 +190,17 @@ pub(crate) async fn serve(
             // Part of the next request head: hyper reads the rest (within its header timer).
             continue;
         }
-        // Parked: only the socket is held, until the client sends again.
         tracing::trace!(client = %ctx.client, "idle connection parked");
         crate::memory::connection_parked();
+        #[cfg(target_os = "linux")]
+        if let Some(lot) = settings.lot.get() {
+            match lot.park(stream, ctx) {
+                // This task ends; the lot resumes the connection in a new one.
+                Ok(()) => return,
+                Err((back, back_ctx)) => (stream, ctx) = (back, back_ctx),
+            }
+        }
+        // Parked in this task: only the socket is held, until the client sends again.
         let mut probe = [0u8; 1];
         tokio::select! {
             biased;
