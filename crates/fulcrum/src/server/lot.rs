@@ -296,14 +296,11 @@ mod tests {
         (client, server)
     }
 
+    /// Where a test lot's resumed connections come out.
+    type Resumed = tokio::sync::mpsc::UnboundedReceiver<(TcpStream, u32)>;
+
     /// A lot running in its own task; resumed connections come out of the channel.
-    fn running(
-        timeout: Duration,
-    ) -> (
-        Arc<Lot<u32>>,
-        tokio::sync::mpsc::UnboundedReceiver<(TcpStream, u32)>,
-        watch::Sender<()>,
-    ) {
+    fn running(timeout: Duration) -> (Arc<Lot<u32>>, Resumed, watch::Sender<()>) {
         let lot = Arc::new(Lot::new(timeout, Arc::default()).unwrap());
         let (resumed, out) = tokio::sync::mpsc::unbounded_channel();
         let (drain, mut drained) = watch::channel(());
