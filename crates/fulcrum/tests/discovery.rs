@@ -23,53 +23,60 @@ impl Dnsmasq {
         let dir = tempfile::tempdir().unwrap();
         let hosts_path = dir.path().join("hosts");
         std::fs::write(&hosts_path, hosts).unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let log_path = dir.path().join("dnsmasq.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new("dnsmasq")
-            .args([
-                // Debug mode: foreground, logs to stderr, and never changes user or
-                // capabilities (which a locked-down container may refuse).
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--log-facility=-",
-                "--log-queries",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--local-ttl=0",
-                &format!("--port={port}"),
-                &format!("--addn-hosts={}", hosts_path.display()),
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("dnsmasq is needed for this test (apt-get install dnsmasq-base)");
-        let address = SocketAddr::from(([127, 0, 0, 1], port));
-        // Ready when it answers a query of its own (bounded); say why if it never does.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !answers_query(address, "app.fulcrum.test") {
-            let exited = child.try_wait().unwrap();
-            if exited.is_some() || std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "dnsmasq never answered (exit: {exited:?}); its log:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+        // dnsmasq binds UDP and TCP on its port: another process may take the port between
+        // our check and its bind (tests run in parallel), so a few tries with fresh ports.
+        for _attempt in 0..5 {
+            let port = free_udp_and_tcp_port();
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new("dnsmasq")
+                .args([
+                    // Debug mode: foreground, logs to stderr, and never changes user or
+                    // capabilities (which a locked-down container may refuse).
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                    "--log-facility=-",
+                    "--log-queries",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--local-ttl=0",
+                    &format!("--port={port}"),
+                    &format!("--addn-hosts={}", hosts_path.display()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("dnsmasq is needed for this test (apt-get install dnsmasq-base)");
+            let address = SocketAddr::from(([127, 0, 0, 1], port));
+            // Ready when it answers a query of its own (bounded); say why if it never does.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut port_taken = false;
+            while !answers_query(address, "app.fulcrum.test") {
+                let exited = child.try_wait().unwrap();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if exited.is_some() && log.contains("Address already in use") {
+                    port_taken = true;
+                    break;
+                }
+                if exited.is_some() || std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("dnsmasq never answered (exit: {exited:?}); its log:\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if port_taken {
+                continue;
+            }
+            return Dnsmasq {
+                child,
+                hosts: hosts_path,
+                address,
+                dir,
+            };
         }
-        Dnsmasq {
-            child,
-            hosts: hosts_path,
-            address,
-            dir,
-        }
+        panic!("dnsmasq found no free port in 5 tries");
     }
 
     /// What dnsmasq has logged so far (queries included).
@@ -85,6 +92,17 @@ impl Dnsmasq {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+}
+
+/// A port on 127.0.0.1 free for both UDP and TCP right now.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }
 

@@ -514,10 +514,14 @@ async fn tcp_mode_honours_max_connections_idle_timeout_and_drain_timeout() {
         idle >= Duration::from_millis(500),
         "closed too early: {idle:?}"
     );
-    // A session on a removed backend lasts until the drain timeout, then is closed.
+    // A session on a removed backend lasts until the drain timeout, then is closed. First the
+    // idle session must be gone from the listener too (its max_connections slot is free).
     assert!(
         eventually(Duration::from_secs(5), || async {
             in_flight(&lb, echo.addr).await == 0
+                && metrics_text(&lb)
+                    .await
+                    .contains("fulcrum_client_connections_open{listener=\"front\"} 0")
         })
         .await
     );
