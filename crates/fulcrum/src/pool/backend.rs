@@ -358,7 +358,9 @@ impl BackendState {
 
     /// Whether passive ejection currently keeps the backend out.
     pub fn is_ejected(&self) -> bool {
-        self.passive.is_ejected(now_ns())
+        // The clock is read only when an ejection is on record (this runs on every pick).
+        self.passive.ejected_until_ns.load(Ordering::Relaxed) != 0
+            && self.passive.is_ejected(now_ns())
     }
 
     /// Records a good answer (resets the passive failure streak).
