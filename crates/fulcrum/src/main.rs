@@ -35,6 +35,9 @@ enum Command {
         /// Path of the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// Worker threads, replacing `[server] workers` (0 = one per CPU core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Validate a configuration file and exit 0 (valid) or 1 (invalid, with file:line:column).
     Check {
@@ -123,8 +126,11 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Run { config: path } => {
-            let config = match Config::load(&path) {
+        Command::Run {
+            config: path,
+            workers,
+        } => {
+            let mut config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("{error}");
@@ -132,7 +138,14 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_logging(cli_format.unwrap_or(config.server.log_format));
-            main_runtime(&config.server)?.block_on(run_until_signal(config, Some(&path)))?;
+            if let Some(workers) = workers {
+                config.server.workers = workers;
+            }
+            main_runtime(&config.server)?.block_on(run_until_signal(
+                config,
+                Some(&path),
+                workers,
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -147,7 +160,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 } else {
                     fulcrum::demo::start_demo_backends(listen, backends).await?
                 };
-                run_until_signal(config, None).await
+                run_until_signal(config, None, None).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -241,10 +254,14 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn run_until_signal(config: Config, path: Option<&Path>) -> Result<()> {
+async fn run_until_signal(
+    config: Config,
+    path: Option<&Path>,
+    workers_override: Option<usize>,
+) -> Result<()> {
     let admin = config.admin.clone();
     let stop = stop_signal();
-    let server = Server::start(config, path.map(Path::to_path_buf)).await?;
+    let server = Server::start(config, path.map(Path::to_path_buf), workers_override).await?;
     reload_on_sighup(server.clone());
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_address = fulcrum::admin::start(

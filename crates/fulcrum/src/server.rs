@@ -120,6 +120,8 @@ pub struct Server {
     pub reloads: ReloadCounters,
     /// Where listeners are served: per-core worker runtimes, or the current runtime.
     workers: Workers,
+    /// `--workers` from the command line, applied to every config.
+    workers_override: Option<usize>,
 }
 
 /// Reload outcomes since start.
@@ -176,8 +178,16 @@ impl Server {
     /// when one cannot be bound. Serving starts at once. `config_path` is what reloads re-read.
     ///
     /// With `runtime = "per_core"` and more than one worker, this starts the worker threads
-    /// (see [`crate::workers`]); call it once per process then.
-    pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Server>> {
+    /// (see [`crate::workers`]); call it once per process then. `workers_override` (the
+    /// command line's `--workers`) replaces `[server] workers` in this and every reloaded config.
+    pub async fn start(
+        mut config: Config,
+        config_path: Option<PathBuf>,
+        workers_override: Option<usize>,
+    ) -> Result<Arc<Server>> {
+        if let Some(workers) = workers_override {
+            config.server.workers = workers;
+        }
         let workers = match (config.server.runtime, config.server.worker_count()) {
             (RuntimeShape::PerCore, count) if count > 1 => Workers::start(count)?,
             _ => Workers::inline(),
@@ -200,6 +210,7 @@ impl Server {
             autoscale_stats: ArcSwap::from_pointee(Vec::new()),
             reloads: ReloadCounters::default(),
             workers,
+            workers_override,
         });
         server.apply(config).await?;
         Ok(server)
@@ -268,7 +279,10 @@ impl Server {
     /// Makes the running state match `config`: pools first (new ones created, existing ones
     /// reconfigured), then listeners (new ones bound before changed ones are closed, so a
     /// changed listener never refuses a connection).
-    async fn apply(&self, config: Config) -> Result<ReloadReport> {
+    async fn apply(&self, mut config: Config) -> Result<ReloadReport> {
+        if let Some(workers) = self.workers_override {
+            config.server.workers = workers;
+        }
         let mut running = self.running.lock().await;
         let mut report = ReloadReport {
             listeners_added: vec![],

@@ -97,6 +97,23 @@ async fn per_core_workers_share_the_port_and_keep_their_own_upstream_connections
 }
 
 #[tokio::test]
+async fn the_workers_flag_replaces_the_config_value() {
+    let backend = backend("f1", 0);
+    let lb = balancer_with_args(
+        &config(&[backend.addr], "workers = 1", ""),
+        1,
+        &["--workers", "2"],
+    );
+    for _ in 0..20 {
+        assert_eq!(request_on_new_connection(lb.addr).await, "HTTP/1.1 200 OK");
+    }
+    // Two per-core workers, so two accept counts (one worker has none).
+    let metrics = metrics_text(&lb).await;
+    let (accepted, workers) = metric_sum(&metrics, "fulcrum_worker_connections_accepted");
+    assert_eq!((accepted, workers), (20, 2), "{metrics}");
+}
+
+#[tokio::test]
 async fn max_connections_bounds_the_listener_across_workers() {
     let backend = backend("m1", 0);
     let lb = balancer_with(

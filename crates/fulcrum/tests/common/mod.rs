@@ -267,15 +267,17 @@ pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
 
 /// Starts `fulcrum run` with this config text; `listeners` is how many listeners to await.
 pub fn balancer_with(config: &str, listeners: usize) -> Proc {
+    balancer_with_args(config, listeners, &[])
+}
+
+/// Like [`balancer_with`], with more command-line arguments after `run --config FILE`.
+pub fn balancer_with_args(config: &str, listeners: usize, extra: &[&str]) -> Proc {
     let (dir, path) = write_config(config);
     let log_dir = dir.path().to_path_buf();
+    let mut args = vec!["run", "--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
     // Every listener prints a readiness line, then the admin API ("listening admin ...").
-    let mut proc = spawn(
-        &["run", "--config", path.to_str().unwrap()],
-        listeners + 1,
-        Some(dir),
-        &log_dir,
-    );
+    let mut proc = spawn(&args, listeners + 1, Some(dir), &log_dir);
     proc.config_path = Some(path);
     proc
 }
