@@ -224,3 +224,82 @@ async fn connection_behind_a_proxy_protocol_header_parks_too() {
     }
     get_ok(&mut stream).await;
 }
+
+/// Reads until `stream` closes; returns what came, and whether it closed within 5 s.
+async fn read_until_closed(stream: &mut TcpStream) -> (String, bool) {
+    let mut data = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        // A reset (the client wrote into a closed connection) ends it too.
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buffer[..n]);
+        }
+    });
+    let closed = read.await.is_ok();
+    (String::from_utf8_lossy(&data).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn request_body_is_never_parsed_as_the_next_request() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "header_read_timeout = \"600ms\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    // The second half of the body is a whole request of its own.
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let head = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            10 + smuggled.len()
+        )
+    };
+
+    // The backend answers at once and drops the body unread 100 ms later; the client
+    // pauses mid-upload for several ticks, then sends the rest.
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    stream
+        .write_all(format!("{}0123456789", head("/?unread_ms=100")).as_bytes())
+        .await
+        .unwrap();
+    let response = read_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stream.write_all(smuggled).await;
+    // hyper does not wait for the rest of a body nobody reads: the connection closes, and
+    // nothing else is answered.
+    let (rest, closed) = read_until_closed(&mut stream).await;
+    assert!(
+        rest.is_empty(),
+        "the body was answered as a request: {rest}"
+    );
+    assert!(closed, "still open after 5 s");
+
+    // A body the backend reads after answering (`/grpc-echo` streams it back): the pause
+    // does not park the connection mid-body; once the body is complete, it parks as usual.
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    stream
+        .write_all(format!("{}0123456789", head("/grpc-echo")).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.write_all(smuggled).await.unwrap();
+    let echo = read_response(&mut stream).await;
+    assert!(echo.starts_with("HTTP/1.1 200"), "{echo}");
+    // Chunked: the two halves of the body, echoed as they came.
+    assert!(
+        echo.contains("\r\n0123456789\r\n") && echo.contains("\r\nGET /smuggled"),
+        "{echo}"
+    );
+    // Past header_read_timeout: only a parked connection is still open.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    get_ok(&mut stream).await;
+}

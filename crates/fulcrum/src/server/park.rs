@@ -10,6 +10,12 @@
 //! back. The connection is *parked*: the task holds the socket alone, waits (up to
 //! `keep_alive_timeout`) for the client's next bytes, and starts a new round with them.
 //!
+//! A request counts as in flight until its service future is done *and* its body has been
+//! read to its end or dropped: a backend may answer before the client has sent the whole
+//! body, and the rest of the body must never be read as the next request. A body dropped
+//! before its end is not drained: hyper reads what has already arrived and otherwise closes
+//! the connection after the response; such a connection never parks (see [`Ctx::body_done`]).
+//!
 //! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
 //! never park. The server's graceful shutdown reaches every connection through a watch
 //! channel: a parked one closes at once, a served one (at its next tick) finishes its
@@ -24,6 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http_body::Body as _;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -34,6 +41,7 @@ use tokio::sync::watch;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
+use crate::proxy::body::{BodyWatcher, RequestBody, WatchedBody};
 use crate::proxy::http::HttpProxy;
 
 /// What an HTTP/2 client with prior knowledge sends first.
@@ -260,10 +268,21 @@ async fn serve_round(
                 let started = state.started.load(Relaxed);
                 // A round parks only once it has served a request: hyper then is idle
                 // between requests and closes at once (a fresh hyper connection would
-                // instead answer its first request with `Connection: close`).
-                if !active && started != round_start && started == state.finished.load(Relaxed) {
-                    parking = true;
-                    state.parking.store(true, Relaxed);
+                // instead answer its first request with `Connection: close`). Not while a
+                // request body is still open: its unread bytes come before the next request.
+                if !active
+                    && started != round_start
+                    && started == state.finished.load(Relaxed)
+                    && state.open_bodies.load(Relaxed) == 0
+                {
+                    if state.unread.load(Relaxed) {
+                        // hyper may have drained the rest of the body, or will close: which
+                        // one cannot be told from here, so the connection closes for real.
+                        draining = true;
+                    } else {
+                        parking = true;
+                        state.parking.store(true, Relaxed);
+                    }
                     Pin::new(&mut connection).graceful_shutdown();
                 }
             }
@@ -312,6 +331,27 @@ struct ConnState {
     started: AtomicU32,
     /// Requests whose service future completed or was dropped (wrapping).
     finished: AtomicU32,
+    /// Request bodies neither read to their end nor dropped yet.
+    open_bodies: AtomicU32,
+    /// The latest request's body was dropped before its end (see [`Ctx::body_done`]).
+    unread: AtomicBool,
+}
+
+impl BodyWatcher for Ctx {
+    /// A body dropped before its end: hyper reads what has already arrived of the rest and,
+    /// if that does not finish it, closes the connection once the response is written
+    /// (`poll_drain_or_close_read`). It never waits for more of an unread body, and neither
+    /// does Fulcrum (a backend that refused an upload must not make it read the upload): such
+    /// a connection closes, at once or at its next quiet tick, and never parks. A later
+    /// request on the connection means hyper did drain the body: its flag is stale.
+    fn body_done(&self, request: u32, read_to_end: bool) {
+        let state = &self.state;
+        let open = state.open_bodies.load(Relaxed);
+        state.open_bodies.store(open.wrapping_sub(1), Relaxed);
+        if !read_to_end && state.started.load(Relaxed) == request.wrapping_add(1) {
+            state.unread.store(true, Relaxed);
+        }
+    }
 }
 
 /// Counts a request as finished when its service future completes or is dropped.
@@ -339,8 +379,19 @@ fn service(
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         crate::proxy::upgrade::attach_client_slot(&mut request, &ctx.slot);
         let ctx = ctx.clone();
-        let n = ctx.state.started.load(Relaxed);
-        ctx.state.started.store(n.wrapping_add(1), Relaxed);
+        let state = &ctx.state;
+        let n = state.started.load(Relaxed);
+        state.started.store(n.wrapping_add(1), Relaxed);
+        // hyper parsed this request, so it read the previous body to its end.
+        state.unread.store(false, Relaxed);
+        let request = request.map(|body| {
+            if body.is_end_stream() {
+                return RequestBody::Client(body);
+            }
+            let open = state.open_bodies.load(Relaxed);
+            state.open_bodies.store(open.wrapping_add(1), Relaxed);
+            RequestBody::Watched(WatchedBody::new(body, ctx.clone(), n))
+        });
         async move {
             let _finished = Finished(&ctx.state);
             ctx.proxy
