@@ -25,51 +25,6 @@ fn config(backend: SocketAddr, listener_extra: &str) -> String {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 
-/// Reads one complete response (content-length or chunked) from `stream`, within 5 s.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut data = Vec::new();
-    let complete = |data: &[u8]| {
-        let text = String::from_utf8_lossy(data);
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            return false;
-        };
-        for line in head.lines().skip(1) {
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    return body.len() >= value.trim().parse::<usize>().unwrap();
-                }
-            }
-        }
-        body.ends_with("0\r\n\r\n")
-    };
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buffer = [0u8; 4096];
-        while !complete(&data) {
-            let n = stream.read(&mut buffer).await.expect("read response");
-            assert!(
-                n > 0,
-                "connection closed; got {:?}",
-                String::from_utf8_lossy(&data)
-            );
-            data.extend_from_slice(&buffer[..n]);
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no complete response in 5 s: {data:?}");
-    String::from_utf8_lossy(&data).into_owned()
-}
-
-/// Waits (up to `limit`) for the server to close `stream`; returns how long that took.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
-    let started = Instant::now();
-    let mut buffer = [0u8; 64];
-    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
-        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
-        Err(_) => panic!("connection still open after {limit:?}"),
-    }
-}
-
 /// Sends one request on `stream` and asserts a 200 answer that keeps the connection open.
 async fn get_ok(stream: &mut TcpStream) {
     stream.write_all(REQUEST).await.unwrap();

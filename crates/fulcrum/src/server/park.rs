@@ -1,4 +1,5 @@
-//! Plain-TCP client connections that hold almost no memory while idle.
+//! Client connections of HTTP listeners (`http` and `https`) that hold almost no memory while
+//! idle.
 //!
 //! hyper keeps an HTTP/1 connection's buffers (8 KiB to write, 8 KiB read), its boxed service
 //! future and its dispatcher for the connection's whole life, idle or not; and its
@@ -6,9 +7,12 @@
 //! So an HTTP/1.1 connection here is served in rounds: a hyper connection serves requests until
 //! the client has been silent for a tick (`park_after`, at most a third of
 //! `header_read_timeout`) with no request in flight; it is then closed gracefully without
-//! closing the socket, and taken apart (`into_parts`) to get the socket and any unparsed bytes
-//! back. The connection is *parked*: the task holds the socket alone, waits (up to
-//! `keep_alive_timeout`) for the client's next bytes, and starts a new round with them.
+//! closing the stream, and taken apart (`into_parts`) to get the stream and any unparsed bytes
+//! back. The connection is *parked*: the task holds the stream alone, waits (up to
+//! `keep_alive_timeout`) for the client's next bytes, and starts a new round with them; hyper's
+//! header timer thus only runs once a request has begun. The stream is a [`ParkStream`]: the
+//! TCP socket, or on `https` listeners the TLS stream (the handshake runs here first, bounded
+//! by `handshake_timeout`; rustls keeps its own state, hyper's is freed all the same).
 //!
 //! A request counts as in flight until its service future is done *and* its body has been
 //! read to its end or dropped: a backend may answer before the client has sent the whole
@@ -16,8 +20,8 @@
 //! before its end is not drained: hyper reads what has already arrived and otherwise closes
 //! the connection after the response; such a connection never parks (see [`Ctx::body_done`]).
 //!
-//! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
-//! never park. The server's graceful shutdown reaches every connection through a watch
+//! HTTP/2 connections (prior knowledge on TCP, ALPN `h2` on TLS) are served by hyper's auto
+//! builder and never park. The server's graceful shutdown reaches every connection through a watch
 //! channel: a parked one closes at once, a served one (at its next tick) finishes its
 //! requests first.
 
@@ -35,17 +39,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
 use crate::proxy::body::{BodyWatcher, RequestBody, WatchedBody};
 use crate::proxy::http::HttpProxy;
+use crate::tls::TlsListener;
 
 /// What an HTTP/2 client with prior knowledge sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long closing a parked connection may wait for its socket (a TLS `close_notify`).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shortest park tick, whatever the config says.
 const MIN_TICK: Duration = Duration::from_millis(10);
@@ -59,6 +68,8 @@ pub(crate) struct ParkSettings {
     keep_alive_timeout: Duration,
     /// A connection parks at the first tick after a full tick without traffic.
     tick: Duration,
+    /// TLS termination, on `https` listeners.
+    tls: Option<Arc<TlsListener>>,
 }
 
 impl ParkSettings {
@@ -84,12 +95,50 @@ impl ParkSettings {
             header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout.0,
             tick,
+            tls: None,
+        }
+    }
+
+    /// Connections start with a TLS handshake on `tls` (an `https` listener), if given.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<TlsListener>>) -> Self {
+        self.tls = tls;
+        self
+    }
+}
+
+/// A client connection's byte stream: plain TCP, or TLS over TCP.
+pub(crate) trait ParkStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Waits for the client's next bytes while the connection is parked. Returns the bytes
+    /// it had to take from the stream (served first in the next round), or `None` when the
+    /// client closed or the stream failed.
+    fn next_bytes(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send;
+}
+
+impl ParkStream for TcpStream {
+    /// Peeks: the bytes stay in the socket.
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        let mut probe = [0u8; 1];
+        match self.peek(&mut probe).await {
+            Ok(n) if n > 0 => Some(Bytes::new()),
+            _ => None,
         }
     }
 }
 
-/// Serves one plain-TCP client connection (already accepted, PROXY header already read) until
-/// it closes, times out, or the server shuts down (`drain` changes or is dropped).
+impl ParkStream for TlsStream<TcpStream> {
+    /// Reads: TLS records must be decrypted to tell data from alerts (a `close_notify`
+    /// ends the connection). The rest of a record stays in rustls' plaintext buffer.
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        let mut first = [0u8; 256];
+        match self.read(&mut first).await {
+            Ok(n) if n > 0 => Some(Bytes::copy_from_slice(&first[..n])),
+            _ => None,
+        }
+    }
+}
+
+/// Serves one client connection (already accepted, PROXY header already read) until it
+/// closes, times out, or the server shuts down (`drain` changes or is dropped).
 pub(crate) async fn serve(
     settings: Arc<ParkSettings>,
     stream: TcpStream,
@@ -99,6 +148,11 @@ pub(crate) async fn serve(
     mut drain: watch::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
+    if let Some(tls) = settings.tls.clone() {
+        // Boxed: plain connections' tasks do not carry the TLS state.
+        Box::pin(serve_tls(settings, tls, stream, client, proxy, slot, drain)).await;
+        return;
+    }
     match first_bytes(&stream, settings.header_read_timeout, &mut drain).await {
         First::Closed => return,
         First::Http2 => {
@@ -111,15 +165,59 @@ pub(crate) async fn serve(
         }
         First::Http1 => {}
     }
-    let ctx = Arc::new(Ctx {
-        proxy,
-        client,
-        client_ip: crate::proxy::headers::client_ip_value(client.ip()),
-        slot,
-        state: ConnState::default(),
-    });
-    let mut stream = stream;
-    let mut leftover = Bytes::new();
+    serve_http1(
+        &settings,
+        stream,
+        Bytes::new(),
+        Ctx::new(proxy, client, slot),
+        drain,
+    )
+    .await;
+}
+
+/// Serves a connection of an `https` listener: the TLS handshake (bounded by the listener's
+/// `handshake_timeout`), then HTTP/2 if ALPN chose it, else HTTP/1.1 in rounds that park.
+async fn serve_tls(
+    settings: Arc<ParkSettings>,
+    tls: Arc<TlsListener>,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    slot: Arc<ConnectionSlot>,
+    mut drain: watch::Receiver<()>,
+) {
+    let stream = tokio::select! {
+        biased;
+        _ = drain.changed() => return,
+        accepted = tls.handshake(stream, client) => match accepted {
+            Some(stream) => stream,
+            None => return,
+        },
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(&settings, stream, client, proxy, slot, &mut drain).await;
+        return;
+    }
+    // hyper's header timer bounds the first request from here.
+    serve_http1(
+        &settings,
+        stream,
+        Bytes::new(),
+        Ctx::new(proxy, client, slot),
+        drain,
+    )
+    .await;
+}
+
+/// Serves an HTTP/1 connection in rounds until it closes; `leftover` holds bytes already
+/// taken from `stream`.
+async fn serve_http1<S: ParkStream>(
+    settings: &ParkSettings,
+    mut stream: S,
+    mut leftover: Bytes,
+    ctx: Arc<Ctx>,
+    mut drain: watch::Receiver<()>,
+) {
     loop {
         let io = ParkIo {
             stream,
@@ -127,8 +225,7 @@ pub(crate) async fn serve(
             ctx: ctx.clone(),
         };
         // Boxed: the round's state (hyper's connection) is only allocated while it runs.
-        let Some((back, rest)) = Box::pin(serve_round(&settings, io, &ctx, &mut drain)).await
-        else {
+        let Some((back, rest)) = Box::pin(serve_round(settings, io, &ctx, &mut drain)).await else {
             return;
         };
         stream = back;
@@ -137,21 +234,23 @@ pub(crate) async fn serve(
             // Part of the next request head: hyper reads the rest (within its header timer).
             continue;
         }
-        // Parked: only the socket is held, until the client sends again.
+        // Parked: only the stream is held, until the client sends again.
         tracing::trace!(client = %ctx.client, "idle connection parked");
         crate::memory::connection_parked();
-        let mut probe = [0u8; 1];
         tokio::select! {
             biased;
-            _ = drain.changed() => return,
-            peeked = tokio::time::timeout(settings.keep_alive_timeout, stream.peek(&mut probe)) => {
-                match peeked {
-                    Ok(Ok(n)) if n > 0 => {}
-                    // The client closed, the socket failed, or keep_alive_timeout passed.
-                    _ => return,
+            _ = drain.changed() => {}
+            next = tokio::time::timeout(settings.keep_alive_timeout, stream.next_bytes()) => {
+                if let Ok(Some(bytes)) = next {
+                    leftover = bytes;
+                    continue;
                 }
+                // The client closed, the stream failed, or keep_alive_timeout passed.
             }
         }
+        // Closed without waiting: only a TLS close_notify (or a TCP FIN) is to be sent.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+        return;
     }
 }
 
@@ -198,9 +297,9 @@ async fn first_bytes(
 }
 
 /// Serves an HTTP/2 connection to its end, shutting it down gracefully when `drain` fires.
-async fn serve_http2(
+async fn serve_http2<S: ParkStream>(
     settings: &ParkSettings,
-    stream: TcpStream,
+    stream: S,
     client: SocketAddr,
     proxy: Arc<HttpProxy>,
     slot: Arc<ConnectionSlot>,
@@ -229,12 +328,12 @@ async fn serve_http2(
 
 /// One hyper HTTP/1 connection over `io`, until it ends (`None`: the connection is over,
 /// closed or upgraded) or parks (`Some`: the socket and the bytes read but not parsed).
-async fn serve_round(
+async fn serve_round<S: ParkStream>(
     settings: &ParkSettings,
-    io: ParkIo,
+    io: ParkIo<S>,
     ctx: &Arc<Ctx>,
     drain: &mut watch::Receiver<()>,
-) -> Option<(TcpStream, Bytes)> {
+) -> Option<(S, Bytes)> {
     let state = &ctx.state;
     state.parking.store(false, Relaxed);
     state.active.store(false, Relaxed);
@@ -319,6 +418,18 @@ struct Ctx {
     state: ConnState,
 }
 
+impl Ctx {
+    fn new(proxy: Arc<HttpProxy>, client: SocketAddr, slot: Arc<ConnectionSlot>) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            proxy,
+            client,
+            client_ip: crate::proxy::headers::client_ip_value(client.ip()),
+            slot,
+            state: ConnState::default(),
+        })
+    }
+}
+
 /// Activity of one connection. One task touches it (hyper's connection, its service futures
 /// and its IO are all polled by the connection's task): loads and stores are enough.
 #[derive(Default)]
@@ -401,15 +512,15 @@ fn service(
     })
 }
 
-/// The socket as hyper sees it: bytes left from the previous round first, activity recorded,
+/// The stream as hyper sees it: bytes left from the previous round first, activity recorded,
 /// and no shutdown while the connection parks.
-struct ParkIo {
-    stream: TcpStream,
+struct ParkIo<S> {
+    stream: S,
     leftover: Bytes,
     ctx: Arc<Ctx>,
 }
 
-impl AsyncRead for ParkIo {
+impl<S: ParkStream> AsyncRead for ParkIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -431,7 +542,7 @@ impl AsyncRead for ParkIo {
     }
 }
 
-impl AsyncWrite for ParkIo {
+impl<S: ParkStream> AsyncWrite for ParkIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
