@@ -72,15 +72,16 @@ pub(crate) trait BodyWatcher: Send + Sync {
 /// A client request body that reports, once, when it is read to its end or dropped.
 pub struct WatchedBody {
     body: Incoming,
-    /// Who to tell, and the request's number; `None` once told.
-    watcher: Option<(std::sync::Arc<dyn BodyWatcher>, u32)>,
+    /// Who to tell, and the request's number; `None` once told. Weak: a body an upstream
+    /// connection still holds does not keep its client connection's state (and slot) alive.
+    watcher: Option<(std::sync::Weak<dyn BodyWatcher>, u32)>,
 }
 
 impl WatchedBody {
-    /// `body` of request number `request`; `watcher` hears of its end.
+    /// `body` of request number `request`; `watcher` hears of its end, if still there.
     pub(crate) fn new(
         body: Incoming,
-        watcher: std::sync::Arc<dyn BodyWatcher>,
+        watcher: std::sync::Weak<dyn BodyWatcher>,
         request: u32,
     ) -> Self {
         WatchedBody {
@@ -108,7 +109,9 @@ impl WatchedBody {
 
     fn done(&mut self, read_to_end: bool) {
         if let Some((watcher, request)) = self.watcher.take() {
-            watcher.body_done(request, read_to_end);
+            if let Some(watcher) = watcher.upgrade() {
+                watcher.body_done(request, read_to_end);
+            }
         }
     }
 }

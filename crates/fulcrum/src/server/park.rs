@@ -501,7 +501,8 @@ fn service(
             }
             let open = state.open_bodies.load(Relaxed);
             state.open_bodies.store(open.wrapping_add(1), Relaxed);
-            RequestBody::Watched(WatchedBody::new(body, ctx.clone(), n))
+            let watcher: std::sync::Weak<Ctx> = Arc::downgrade(&ctx);
+            RequestBody::Watched(WatchedBody::new(body, watcher, n))
         });
         async move {
             let _finished = Finished(&ctx.state);
