@@ -12,7 +12,10 @@
 //! `/grpc-echo` streams the request body back frame by frame as it arrives and ends with
 //! `grpc-status: 0` trailers (a gRPC-style bidirectional stream).
 //! Query parameters: `delay_ms=N` delays the answer, `status=NNN` changes the status,
-//! `echo=headers` adds the received headers to the JSON body.
+//! `echo=headers` adds the received headers to the JSON body, `unread_ms=N` answers without
+//! reading the request body (`body_bytes` 0) and drops the body unread N ms later (hyper then
+//! closes the connection, unless the rest of the body had already arrived). `/healthz` and
+//! `/stats` never read the request body either.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -337,15 +340,25 @@ impl BackendServer {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut received = 0u64;
             let mut hash = Fnv1a::default();
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            received += data.len() as u64;
-                            hash.update(data);
+            let unread = query_param(query, "unread_ms").and_then(|v| v.parse().ok());
+            if let Some(hold) = unread {
+                // Answer without reading the body; drop it unread later (hyper then closes
+                // the connection, unless the rest of the body was already buffered).
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                    drop(body);
+                });
+            } else {
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => {
+                            if let Some(data) = frame.data_ref() {
+                                received += data.len() as u64;
+                                hash.update(data);
+                            }
                         }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
             }
             let delay = query_param(query, "delay_ms")

@@ -13,7 +13,6 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
@@ -687,11 +686,11 @@ async fn serve_http(
         stats,
     } = accept_settings;
     let builder = Arc::new(http_builder(&config));
-    // TLS connections drain through `graceful`, plain ones (which park) through `drain`.
-    let graceful = GracefulShutdown::new();
-    let park = Arc::new(park::ParkSettings::new(&config, builder.clone()));
+    // Every connection (TLS ones after their handshake) parks and drains through `drain`.
+    let plain = tls.is_none();
+    let park = Arc::new(park::ParkSettings::new(&config, builder.clone()).with_tls(tls));
     let (drain, _) = watch::channel(());
-    if tls.is_none() {
+    if plain {
         park.start_lot(drain.subscribe(), stats.parked.clone());
     }
     loop {
@@ -718,18 +717,6 @@ async fn serve_http(
             );
             continue;
         }
-        if let Some(tls) = &tls {
-            crate::tls::serve_tls_connection(
-                tls.clone(),
-                builder.clone(),
-                graceful.watcher(),
-                stream,
-                client,
-                proxy.clone(),
-                (permit, stats.clone()),
-            );
-            continue;
-        }
         serve_connection(
             &park,
             &drain,
@@ -742,7 +729,7 @@ async fn serve_http(
     drop(listener);
     drain.send_replace(());
     tokio::select! {
-        _ = async { tokio::join!(graceful.shutdown(), drain.closed()) } => {}
+        _ = drain.closed() => {}
         _ = tokio::time::sleep(shutdown_timeout) => {
             tracing::warn!(timeout = ?shutdown_timeout, "shutdown timeout reached; closing remaining connections");
         }

@@ -10,9 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as AutoBuilder;
-use hyper_util::server::graceful::Watcher;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -21,14 +18,12 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerTlsConfig;
 use crate::events::EventLog;
-use crate::proxy::http::HttpProxy;
-use crate::server::ListenerStats;
 
 /// How often the certificate and key files of `https` listeners are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -288,6 +283,22 @@ impl TlsListener {
         }
     }
 
+    /// [`TlsListener::accept`] for a client connection from `client`: a failed handshake is
+    /// logged (debug) and gives `None`.
+    pub(crate) async fn handshake(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        match self.accept(stream).await {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::debug!(listener = %self.name, %client, %error, "TLS handshake failed");
+                None
+            }
+        }
+    }
+
     /// Polls the certificate files every [`WATCH_INTERVAL`] until `stop` turns true.
     pub async fn watch_files(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut interval = tokio::time::interval(WATCH_INTERVAL);
@@ -415,36 +426,4 @@ impl ServerCertVerifier for AcceptAnyCert {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Serves one accepted connection of an `https` listener in its own task: TLS handshake
-/// (bounded), then HTTP/1.1 or HTTP/2 as ALPN chose, watched for graceful shutdown.
-pub(crate) fn serve_tls_connection(
-    tls: Arc<TlsListener>,
-    builder: Arc<AutoBuilder<TokioExecutor>>,
-    watcher: Watcher,
-    stream: TcpStream,
-    client: SocketAddr,
-    proxy: Arc<HttpProxy>,
-    (permit, stats): (OwnedSemaphorePermit, Arc<ListenerStats>),
-) {
-    let slot = Arc::new(crate::server::ConnectionSlot::new(permit, stats));
-    let _ = stream.set_nodelay(true);
-    tokio::spawn(async move {
-        match tls.accept(stream).await {
-            Ok(stream) => {
-                let service = crate::server::client_service(proxy, client, slot.clone());
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                if let Err(error) = watcher.watch(connection).await {
-                    tracing::debug!(%client, %error, "client connection ended with an error");
-                }
-            }
-            Err(error) => {
-                tracing::debug!(listener = %tls.name, %client, %error, "TLS handshake failed")
-            }
-        }
-        drop(slot);
-    });
 }

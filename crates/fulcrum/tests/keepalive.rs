@@ -25,51 +25,6 @@ fn config(backend: SocketAddr, listener_extra: &str) -> String {
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 
-/// Reads one complete response (content-length or chunked) from `stream`, within 5 s.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut data = Vec::new();
-    let complete = |data: &[u8]| {
-        let text = String::from_utf8_lossy(data);
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            return false;
-        };
-        for line in head.lines().skip(1) {
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    return body.len() >= value.trim().parse::<usize>().unwrap();
-                }
-            }
-        }
-        body.ends_with("0\r\n\r\n")
-    };
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buffer = [0u8; 4096];
-        while !complete(&data) {
-            let n = stream.read(&mut buffer).await.expect("read response");
-            assert!(
-                n > 0,
-                "connection closed; got {:?}",
-                String::from_utf8_lossy(&data)
-            );
-            data.extend_from_slice(&buffer[..n]);
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no complete response in 5 s: {data:?}");
-    String::from_utf8_lossy(&data).into_owned()
-}
-
-/// Waits (up to `limit`) for the server to close `stream`; returns how long that took.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
-    let started = Instant::now();
-    let mut buffer = [0u8; 64];
-    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
-        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
-        Err(_) => panic!("connection still open after {limit:?}"),
-    }
-}
-
 /// Sends one request on `stream` and asserts a 200 answer that keeps the connection open.
 async fn get_ok(stream: &mut TcpStream) {
     stream.write_all(REQUEST).await.unwrap();
@@ -280,4 +235,83 @@ async fn idle_connections_wait_in_the_parking_lot_and_come_back_from_it() {
         metrics.contains("fulcrum_client_connections_open{listener=\"web\"} 2"),
         "{metrics}"
     );
+}
+
+/// Reads until `stream` closes; returns what came, and whether it closed within 5 s.
+async fn read_until_closed(stream: &mut TcpStream) -> (String, bool) {
+    let mut data = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        // A reset (the client wrote into a closed connection) ends it too.
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buffer[..n]);
+        }
+    });
+    let closed = read.await.is_ok();
+    (String::from_utf8_lossy(&data).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn request_body_is_never_parsed_as_the_next_request() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "header_read_timeout = \"600ms\"\npark_after = \"50ms\"",
+        ),
+        1,
+    );
+    // The second half of the body is a whole request of its own.
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let head = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            10 + smuggled.len()
+        )
+    };
+
+    // The backend answers at once and drops the body unread 100 ms later; the client
+    // pauses mid-upload for several ticks, then sends the rest.
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    stream
+        .write_all(format!("{}0123456789", head("/?unread_ms=100")).as_bytes())
+        .await
+        .unwrap();
+    let response = read_response(&mut stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stream.write_all(smuggled).await;
+    // hyper does not wait for the rest of a body nobody reads: the connection closes, and
+    // nothing else is answered.
+    let (rest, closed) = read_until_closed(&mut stream).await;
+    assert!(
+        rest.is_empty(),
+        "the body was answered as a request: {rest}"
+    );
+    assert!(closed, "still open after 5 s");
+
+    // A body the backend reads after answering (`/grpc-echo` streams it back): the pause
+    // does not park the connection mid-body; once the body is complete, it parks as usual.
+    let mut stream = TcpStream::connect(lb.addr).await.unwrap();
+    get_ok(&mut stream).await;
+    stream
+        .write_all(format!("{}0123456789", head("/grpc-echo")).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream.write_all(smuggled).await.unwrap();
+    let echo = read_response(&mut stream).await;
+    assert!(echo.starts_with("HTTP/1.1 200"), "{echo}");
+    // Chunked: the two halves of the body, echoed as they came.
+    assert!(
+        echo.contains("\r\n0123456789\r\n") && echo.contains("\r\nGET /smuggled"),
+        "{echo}"
+    );
+    // Past header_read_timeout: only a parked connection is still open.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    get_ok(&mut stream).await;
 }

@@ -577,3 +577,98 @@ async fn grpc_stream_with_trailers_passes_through_h2c_and_tls() {
     )
     .await;
 }
+
+/// A raw HTTP/1.1 (ALPN `http/1.1`) TLS connection to `addr` for `app.test`, trusting
+/// `ca_pem`; `preamble` (a PROXY protocol header) is sent before the handshake.
+async fn http1_over_tls(
+    ca_pem: &str,
+    addr: SocketAddr,
+    preamble: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut config = trusting(ca_pem);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(preamble).await.unwrap();
+    connector
+        .connect("app.test".try_into().unwrap(), stream)
+        .await
+        .unwrap()
+}
+
+/// Sends a GET on a raw HTTP/1.1 `stream` and asserts a 200 that keeps the connection.
+async fn get_ok<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(stream).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+}
+
+/// The pauses here are the idle times under test, not waits for readiness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_https_clients_are_kept_until_keep_alive_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["app.test"]).write(dir.path(), "app");
+    let backend = backend("one", 0);
+    let timeouts = "header_read_timeout = \"500ms\"\nkeep_alive_timeout = \"3s\"\n";
+    let listener = https_listener(&[(&cert, &key, false)]);
+    // The same listener again, behind a PROXY protocol header.
+    let proxied = listener
+        .replace("listeners.web", "listeners.proxied")
+        .replacen(
+            "pool = \"app\"\n",
+            "pool = \"app\"\naccept_proxy_protocol = true\n",
+            1,
+        );
+    let listeners = format!("{listener}\n{proxied}")
+        .replace("pool = \"app\"\n", &format!("pool = \"app\"\n{timeouts}"));
+    let lb = balancer_with(&config(&listeners, &[backend.addr], ""), 2);
+
+    // Idle longer than header_read_timeout between requests: the connection stays.
+    let mut idle = http1_over_tls(&ca.pem(), lb.listeners["web"], b"").await;
+    get_ok(&mut idle).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    get_ok(&mut idle).await;
+    let answered = Instant::now();
+
+    // A request head that stalls is still bounded by header_read_timeout.
+    let mut slow = http1_over_tls(&ca.pem(), lb.listeners["web"], b"").await;
+    get_ok(&mut slow).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest)).await;
+    let waited = started.elapsed();
+    assert!(closed.is_ok(), "a stalled head was not closed within 3 s");
+    assert!(
+        waited >= Duration::from_millis(400) && waited <= Duration::from_millis(2000),
+        "stalled head closed after {waited:?}"
+    );
+
+    // TLS after a PROXY protocol header, idle past header_read_timeout too.
+    let front: SocketAddr = "203.0.113.9:4242".parse().unwrap();
+    let header = fulcrum::proxy::proxy_protocol::encode_v1(front, lb.listeners["proxied"]);
+    let mut proxied = http1_over_tls(&ca.pem(), lb.listeners["proxied"], header.as_bytes()).await;
+    get_ok(&mut proxied).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    get_ok(&mut proxied).await;
+
+    // Idle past keep_alive_timeout (3 s after its last answer): closed.
+    closed_within(&mut idle, Duration::from_secs(5)).await;
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(2900) && idle_for <= Duration::from_millis(4500),
+        "closed after {idle_for:?} idle"
+    );
+}

@@ -17,8 +17,16 @@ use crate::proxy::upstream::UpstreamSender;
 pub enum RequestBody {
     /// The client's body, streamed.
     Client(Incoming),
+    /// The client's body, streamed, its end reported to its connection.
+    Watched(WatchedBody),
     /// No body.
     Empty,
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Client(body)
+    }
 }
 
 impl Body for RequestBody {
@@ -31,6 +39,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Watched(watched) => watched.poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -38,6 +47,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Watched(watched) => watched.body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -45,8 +55,70 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Watched(watched) => watched.body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// Told when a client request body is done (see `server::park`: an HTTP/1 connection is busy
+/// until then, since its unread body bytes come before the next request).
+pub(crate) trait BodyWatcher: Send + Sync {
+    /// The body of request number `request` was read to its end (`read_to_end`), or dropped
+    /// before its end.
+    fn body_done(&self, request: u32, read_to_end: bool);
+}
+
+/// A client request body that reports, once, when it is read to its end or dropped.
+pub struct WatchedBody {
+    body: Incoming,
+    /// Who to tell, and the request's number; `None` once told. Weak: a body an upstream
+    /// connection still holds does not keep its client connection's state (and slot) alive.
+    watcher: Option<(std::sync::Weak<dyn BodyWatcher>, u32)>,
+}
+
+impl WatchedBody {
+    /// `body` of request number `request`; `watcher` hears of its end, if still there.
+    pub(crate) fn new(
+        body: Incoming,
+        watcher: std::sync::Weak<dyn BodyWatcher>,
+        request: u32,
+    ) -> Self {
+        WatchedBody {
+            body,
+            watcher: Some((watcher, request)),
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        // A body of known length ends with its last frame: the reader may not poll again.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.body.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            self.done(true);
+        }
+        polled
+    }
+
+    fn done(&mut self, read_to_end: bool) {
+        if let Some((watcher, request)) = self.watcher.take() {
+            if let Some(watcher) = watcher.upgrade() {
+                watcher.body_done(request, read_to_end);
+            }
+        }
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        self.done(false);
     }
 }
 

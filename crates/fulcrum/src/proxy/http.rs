@@ -13,7 +13,6 @@ use fulcrum_balance::{bounded, key_hash, splitmix64, Algorithm, PickContext};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use crate::clock::now_ns;
 use crate::config::HashKey;
@@ -131,12 +130,13 @@ impl HttpProxy {
 
     /// Handles one client request from `client` (whose address as a header value is
     /// `client_ip`, made once per connection). Never fails: errors become responses.
-    pub async fn handle(
+    pub async fn handle<B: Into<RequestBody>>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         client: SocketAddr,
         client_ip: HeaderValue,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let request = request.map(Into::into);
         let started = Instant::now();
         let mut access = self
             .access_log
@@ -173,7 +173,11 @@ impl HttpProxy {
         Ok(response)
     }
 
-    async fn forward(&self, request: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        mut request: Request<RequestBody>,
+        client: IpAddr,
+    ) -> Response<ProxyBody> {
         let pool = &self.pool;
         let snapshot_guard = pool.snapshot();
         let snapshot: &PoolSnapshot = &snapshot_guard;
@@ -191,7 +195,6 @@ impl HttpProxy {
         let replay =
             (attempts > 1 && request.method().is_idempotent() && request.body().is_end_stream())
                 .then(|| ReplayableHead::of(&request));
-        let mut request = request.map(RequestBody::Client);
         let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
         let mut failure = None;
         for attempt in 0..attempts {

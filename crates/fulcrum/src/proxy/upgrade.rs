@@ -16,7 +16,6 @@ use std::time::Duration;
 use fulcrum_balance::PickContext;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::ext::Protocol;
 use hyper_util::rt::TokioIo;
@@ -97,7 +96,7 @@ impl HttpProxy {
     /// Forwards an upgrade request; on `101` relays both connections until either closes.
     pub(crate) async fn forward_upgrade(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         client: SocketAddr,
         client_ip: &HeaderValue,
         idle_timeout: Duration,
@@ -176,7 +175,7 @@ impl HttpProxy {
             let awaiting = backend.await_answer();
             let response = match tokio::time::timeout(
                 settings.request_timeout,
-                sender.send_request(request.map(RequestBody::Client)),
+                sender.send_request(request),
             )
             .await
             {

@@ -1,4 +1,5 @@
-//! Plain-TCP client connections that hold almost no memory while idle.
+//! Client connections of HTTP listeners (`http` and `https`) that hold almost no memory while
+//! idle.
 //!
 //! hyper keeps an HTTP/1 connection's buffers (8 KiB to write, 8 KiB read), its boxed service
 //! future and its dispatcher for the connection's whole life, idle or not; and its
@@ -6,14 +7,23 @@
 //! So an HTTP/1.1 connection here is served in rounds: a hyper connection serves requests until
 //! the client has been silent for a tick (`park_after`, at most a third of
 //! `header_read_timeout`) with no request in flight; it is then closed gracefully without
-//! closing the socket, and taken apart (`into_parts`) to get the socket and any unparsed bytes
-//! back. The connection is *parked*: on Linux it moves to the listener's parking lot
-//! (`lot.rs`: the socket leaves tokio for a private epoll set and the task ends), elsewhere
-//! the task holds the socket alone. When the client sends again (within
-//! `keep_alive_timeout`), a new round starts with its bytes.
+//! closing the stream, and taken apart (`into_parts`) to get the stream and any unparsed bytes
+//! back. The connection is *parked*: a plain TCP socket moves (on Linux) to the listener's
+//! parking lot (`lot.rs`: the socket leaves tokio for a private epoll set and the task ends);
+//! otherwise the task holds the stream alone. When the client sends again (within
+//! `keep_alive_timeout`), a new round starts with its bytes; hyper's header timer thus only
+//! runs once a request has begun. The stream is a [`ParkStream`]: the TCP socket, or on
+//! `https` listeners the TLS stream (the handshake runs here first, bounded by
+//! `handshake_timeout`; rustls keeps its own state, hyper's is freed all the same).
 //!
-//! HTTP/2 (prior knowledge) connections are served by hyper's auto builder, as before, and
-//! never park. The server's graceful shutdown reaches every connection through a watch
+//! A request counts as in flight until its service future is done *and* its body has been
+//! read to its end or dropped: a backend may answer before the client has sent the whole
+//! body, and the rest of the body must never be read as the next request. A body dropped
+//! before its end is not drained: hyper reads what has already arrived and otherwise closes
+//! the connection after the response; such a connection never parks (see [`Ctx::body_done`]).
+//!
+//! HTTP/2 connections (prior knowledge on TCP, ALPN `h2` on TLS) are served by hyper's auto
+//! builder and never park. The server's graceful shutdown reaches every connection through a watch
 //! channel: a parked one closes at once, a served one (at its next tick) finishes its
 //! requests first.
 
@@ -26,20 +36,27 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http_body::Body as _;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
+use crate::proxy::body::{BodyWatcher, RequestBody, WatchedBody};
 use crate::proxy::http::HttpProxy;
+use crate::tls::TlsListener;
 
 /// What an HTTP/2 client with prior knowledge sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long closing a parked connection may wait for its socket (a TLS `close_notify`).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shortest park tick, whatever the config says.
 const MIN_TICK: Duration = Duration::from_millis(10);
@@ -56,6 +73,8 @@ pub(crate) struct ParkSettings {
     /// Where parked connections wait, once [`ParkSettings::start_lot`] ran.
     #[cfg(target_os = "linux")]
     lot: std::sync::OnceLock<super::lot::Lot<Arc<Ctx>>>,
+    /// TLS termination, on `https` listeners.
+    tls: Option<Arc<TlsListener>>,
 }
 
 impl ParkSettings {
@@ -83,7 +102,14 @@ impl ParkSettings {
             tick,
             #[cfg(target_os = "linux")]
             lot: std::sync::OnceLock::new(),
+            tls: None,
         }
+    }
+
+    /// Connections start with a TLS handshake on `tls` (an `https` listener), if given.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<TlsListener>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Opens the parking lot of these settings' listener on the current runtime (the worker's)
@@ -115,13 +141,10 @@ impl ParkSettings {
                     return;
                 };
                 lot.run(&mut drain, |stream, ctx| {
-                    tokio::spawn(serve_rounds(
-                        settings.clone(),
-                        stream,
-                        ctx,
-                        Bytes::new(),
-                        resume_drain.clone(),
-                    ));
+                    let (settings, drain) = (settings.clone(), resume_drain.clone());
+                    tokio::spawn(async move {
+                        serve_http1(&settings, stream, Bytes::new(), ctx, drain).await;
+                    });
                 })
                 .await;
             });
@@ -131,8 +154,56 @@ impl ParkSettings {
     }
 }
 
-/// Serves one plain-TCP client connection (already accepted, PROXY header already read) until
-/// it closes, times out, or the server shuts down (`drain` changes or is dropped).
+/// A client connection's byte stream: plain TCP, or TLS over TCP.
+trait ParkStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// Waits for the client's next bytes while the connection is parked. Returns the bytes
+    /// it had to take from the stream (served first in the next round), or `None` when the
+    /// client closed or the stream failed.
+    fn next_bytes(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send;
+
+    /// Parks the idle connection in the listener's parking lot, when this kind of stream can
+    /// wait there: `Ok` once the lot has it (it resumes the connection in a new task), `Err`
+    /// gives both back to wait in this task.
+    fn into_lot(self, _settings: &ParkSettings, ctx: Arc<Ctx>) -> Result<(), (Self, Arc<Ctx>)> {
+        Err((self, ctx))
+    }
+}
+
+impl ParkStream for TcpStream {
+    /// Peeks: the bytes stay in the socket.
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        let mut probe = [0u8; 1];
+        match self.peek(&mut probe).await {
+            Ok(n) if n > 0 => Some(Bytes::new()),
+            _ => None,
+        }
+    }
+
+    /// A plain socket leaves tokio for the lot's epoll set (Linux).
+    fn into_lot(self, settings: &ParkSettings, ctx: Arc<Ctx>) -> Result<(), (Self, Arc<Ctx>)> {
+        #[cfg(target_os = "linux")]
+        if let Some(lot) = settings.lot.get() {
+            return lot.park(self, ctx);
+        }
+        let _ = settings;
+        Err((self, ctx))
+    }
+}
+
+impl ParkStream for TlsStream<TcpStream> {
+    /// Reads: TLS records must be decrypted to tell data from alerts (a `close_notify`
+    /// ends the connection). The rest of a record stays in rustls' plaintext buffer.
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        let mut first = [0u8; 256];
+        match self.read(&mut first).await {
+            Ok(n) if n > 0 => Some(Bytes::copy_from_slice(&first[..n])),
+            _ => None,
+        }
+    }
+}
+
+/// Serves one client connection (already accepted, PROXY header already read) until it
+/// closes, times out, or the server shuts down (`drain` changes or is dropped).
 pub(crate) async fn serve(
     settings: Arc<ParkSettings>,
     stream: TcpStream,
@@ -142,6 +213,11 @@ pub(crate) async fn serve(
     mut drain: watch::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
+    if let Some(tls) = settings.tls.clone() {
+        // Boxed: plain connections' tasks do not carry the TLS state.
+        Box::pin(serve_tls(settings, tls, stream, client, proxy, slot, drain)).await;
+        return;
+    }
     match first_bytes(&stream, settings.header_read_timeout, &mut drain).await {
         First::Closed => return,
         First::Http2 => {
@@ -154,23 +230,57 @@ pub(crate) async fn serve(
         }
         First::Http1 => {}
     }
-    let ctx = Arc::new(Ctx {
-        proxy,
-        client,
-        client_ip: crate::proxy::headers::client_ip_value(client.ip()),
-        slot,
-        state: ConnState::default(),
-    });
-    serve_rounds(settings, stream, ctx, Bytes::new(), drain).await;
+    serve_http1(
+        &settings,
+        stream,
+        Bytes::new(),
+        Ctx::new(proxy, client, slot),
+        drain,
+    )
+    .await;
 }
 
-/// Serves an HTTP/1 connection in rounds (the first starting with `leftover`, bytes already
-/// read from `stream`) until it ends or parks in the lot.
-async fn serve_rounds(
+/// Serves a connection of an `https` listener: the TLS handshake (bounded by the listener's
+/// `handshake_timeout`), then HTTP/2 if ALPN chose it, else HTTP/1.1 in rounds that park.
+async fn serve_tls(
     settings: Arc<ParkSettings>,
-    mut stream: TcpStream,
-    mut ctx: Arc<Ctx>,
+    tls: Arc<TlsListener>,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    slot: Arc<ConnectionSlot>,
+    mut drain: watch::Receiver<()>,
+) {
+    let stream = tokio::select! {
+        biased;
+        _ = drain.changed() => return,
+        accepted = tls.handshake(stream, client) => match accepted {
+            Some(stream) => stream,
+            None => return,
+        },
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(&settings, stream, client, proxy, slot, &mut drain).await;
+        return;
+    }
+    // hyper's header timer bounds the first request from here.
+    serve_http1(
+        &settings,
+        stream,
+        Bytes::new(),
+        Ctx::new(proxy, client, slot),
+        drain,
+    )
+    .await;
+}
+
+/// Serves an HTTP/1 connection in rounds until it closes; `leftover` holds bytes already
+/// taken from `stream`.
+async fn serve_http1<S: ParkStream>(
+    settings: &ParkSettings,
+    mut stream: S,
     mut leftover: Bytes,
+    mut ctx: Arc<Ctx>,
     mut drain: watch::Receiver<()>,
 ) {
     loop {
@@ -180,8 +290,7 @@ async fn serve_rounds(
             ctx: ctx.clone(),
         };
         // Boxed: the round's state (hyper's connection) is only allocated while it runs.
-        let Some((back, rest)) = Box::pin(serve_round(&settings, io, &ctx, &mut drain)).await
-        else {
+        let Some((back, rest)) = Box::pin(serve_round(settings, io, &ctx, &mut drain)).await else {
             return;
         };
         stream = back;
@@ -190,29 +299,28 @@ async fn serve_rounds(
             // Part of the next request head: hyper reads the rest (within its header timer).
             continue;
         }
+        // Parked: in the lot (plain TCP on Linux: this task ends), or here, holding only the
+        // stream until the client sends again.
         tracing::trace!(client = %ctx.client, "idle connection parked");
         crate::memory::connection_parked();
-        #[cfg(target_os = "linux")]
-        if let Some(lot) = settings.lot.get() {
-            match lot.park(stream, ctx) {
-                // This task ends; the lot resumes the connection in a new one.
-                Ok(()) => return,
-                Err((back, back_ctx)) => (stream, ctx) = (back, back_ctx),
-            }
-        }
-        // Parked in this task: only the socket is held, until the client sends again.
-        let mut probe = [0u8; 1];
+        (stream, ctx) = match stream.into_lot(settings, ctx) {
+            Ok(()) => return,
+            Err(back) => back,
+        };
         tokio::select! {
             biased;
-            _ = drain.changed() => return,
-            peeked = tokio::time::timeout(settings.keep_alive_timeout, stream.peek(&mut probe)) => {
-                match peeked {
-                    Ok(Ok(n)) if n > 0 => {}
-                    // The client closed, the socket failed, or keep_alive_timeout passed.
-                    _ => return,
+            _ = drain.changed() => {}
+            next = tokio::time::timeout(settings.keep_alive_timeout, stream.next_bytes()) => {
+                if let Ok(Some(bytes)) = next {
+                    leftover = bytes;
+                    continue;
                 }
+                // The client closed, the stream failed, or keep_alive_timeout passed.
             }
         }
+        // Closed without waiting: only a TLS close_notify (or a TCP FIN) is to be sent.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
+        return;
     }
 }
 
@@ -259,9 +367,9 @@ async fn first_bytes(
 }
 
 /// Serves an HTTP/2 connection to its end, shutting it down gracefully when `drain` fires.
-async fn serve_http2(
+async fn serve_http2<S: ParkStream>(
     settings: &ParkSettings,
-    stream: TcpStream,
+    stream: S,
     client: SocketAddr,
     proxy: Arc<HttpProxy>,
     slot: Arc<ConnectionSlot>,
@@ -290,12 +398,12 @@ async fn serve_http2(
 
 /// One hyper HTTP/1 connection over `io`, until it ends (`None`: the connection is over,
 /// closed or upgraded) or parks (`Some`: the socket and the bytes read but not parsed).
-async fn serve_round(
+async fn serve_round<S: ParkStream>(
     settings: &ParkSettings,
-    io: ParkIo,
+    io: ParkIo<S>,
     ctx: &Arc<Ctx>,
     drain: &mut watch::Receiver<()>,
-) -> Option<(TcpStream, Bytes)> {
+) -> Option<(S, Bytes)> {
     let state = &ctx.state;
     state.parking.store(false, Relaxed);
     state.active.store(false, Relaxed);
@@ -329,10 +437,21 @@ async fn serve_round(
                 let started = state.started.load(Relaxed);
                 // A round parks only once it has served a request: hyper then is idle
                 // between requests and closes at once (a fresh hyper connection would
-                // instead answer its first request with `Connection: close`).
-                if !active && started != round_start && started == state.finished.load(Relaxed) {
-                    parking = true;
-                    state.parking.store(true, Relaxed);
+                // instead answer its first request with `Connection: close`). Not while a
+                // request body is still open: its unread bytes come before the next request.
+                if !active
+                    && started != round_start
+                    && started == state.finished.load(Relaxed)
+                    && state.open_bodies.load(Relaxed) == 0
+                {
+                    if state.unread.load(Relaxed) {
+                        // hyper may have drained the rest of the body, or will close: which
+                        // one cannot be told from here, so the connection closes for real.
+                        draining = true;
+                    } else {
+                        parking = true;
+                        state.parking.store(true, Relaxed);
+                    }
                     Pin::new(&mut connection).graceful_shutdown();
                 }
             }
@@ -369,6 +488,18 @@ struct Ctx {
     state: ConnState,
 }
 
+impl Ctx {
+    fn new(proxy: Arc<HttpProxy>, client: SocketAddr, slot: Arc<ConnectionSlot>) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            proxy,
+            client,
+            client_ip: crate::proxy::headers::client_ip_value(client.ip()),
+            slot,
+            state: ConnState::default(),
+        })
+    }
+}
+
 /// Activity of one connection. One task touches it (hyper's connection, its service futures
 /// and its IO are all polled by the connection's task): loads and stores are enough.
 #[derive(Default)]
@@ -381,6 +512,27 @@ struct ConnState {
     started: AtomicU32,
     /// Requests whose service future completed or was dropped (wrapping).
     finished: AtomicU32,
+    /// Request bodies neither read to their end nor dropped yet.
+    open_bodies: AtomicU32,
+    /// The latest request's body was dropped before its end (see [`Ctx::body_done`]).
+    unread: AtomicBool,
+}
+
+impl BodyWatcher for Ctx {
+    /// A body dropped before its end: hyper reads what has already arrived of the rest and,
+    /// if that does not finish it, closes the connection once the response is written
+    /// (`poll_drain_or_close_read`). It never waits for more of an unread body, and neither
+    /// does Fulcrum (a backend that refused an upload must not make it read the upload): such
+    /// a connection closes, at once or at its next quiet tick, and never parks. A later
+    /// request on the connection means hyper did drain the body: its flag is stale.
+    fn body_done(&self, request: u32, read_to_end: bool) {
+        let state = &self.state;
+        let open = state.open_bodies.load(Relaxed);
+        state.open_bodies.store(open.wrapping_sub(1), Relaxed);
+        if !read_to_end && state.started.load(Relaxed) == request.wrapping_add(1) {
+            state.unread.store(true, Relaxed);
+        }
+    }
 }
 
 /// Counts a request as finished when its service future completes or is dropped.
@@ -408,8 +560,20 @@ fn service(
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         crate::proxy::upgrade::attach_client_slot(&mut request, &ctx.slot);
         let ctx = ctx.clone();
-        let n = ctx.state.started.load(Relaxed);
-        ctx.state.started.store(n.wrapping_add(1), Relaxed);
+        let state = &ctx.state;
+        let n = state.started.load(Relaxed);
+        state.started.store(n.wrapping_add(1), Relaxed);
+        // hyper parsed this request, so it read the previous body to its end.
+        state.unread.store(false, Relaxed);
+        let request = request.map(|body| {
+            if body.is_end_stream() {
+                return RequestBody::Client(body);
+            }
+            let open = state.open_bodies.load(Relaxed);
+            state.open_bodies.store(open.wrapping_add(1), Relaxed);
+            let watcher: std::sync::Weak<Ctx> = Arc::downgrade(&ctx);
+            RequestBody::Watched(WatchedBody::new(body, watcher, n))
+        });
         async move {
             let _finished = Finished(&ctx.state);
             ctx.proxy
@@ -419,15 +583,15 @@ fn service(
     })
 }
 
-/// The socket as hyper sees it: bytes left from the previous round first, activity recorded,
+/// The stream as hyper sees it: bytes left from the previous round first, activity recorded,
 /// and no shutdown while the connection parks.
-struct ParkIo {
-    stream: TcpStream,
+struct ParkIo<S> {
+    stream: S,
     leftover: Bytes,
     ctx: Arc<Ctx>,
 }
 
-impl AsyncRead for ParkIo {
+impl<S: ParkStream> AsyncRead for ParkIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -449,7 +613,7 @@ impl AsyncRead for ParkIo {
     }
 }
 
-impl AsyncWrite for ParkIo {
+impl<S: ParkStream> AsyncWrite for ParkIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// How long a process may take to print its readiness line.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -551,4 +553,50 @@ pub async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
         .iter()
         .map(|b| (b["address"].as_str().unwrap().to_string(), b.clone()))
         .collect()
+}
+
+/// Reads one complete HTTP/1.1 response (content-length or chunked) from a raw `stream`
+/// (TCP or TLS), within 5 s.
+pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut data = Vec::new();
+    let complete = |data: &[u8]| {
+        let text = String::from_utf8_lossy(data);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        for line in head.lines().skip(1) {
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    return body.len() >= value.trim().parse::<usize>().unwrap();
+                }
+            }
+        }
+        body.ends_with("0\r\n\r\n")
+    };
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        while !complete(&data) {
+            let n = stream.read(&mut buffer).await.expect("read response");
+            assert!(
+                n > 0,
+                "connection closed; got {:?}",
+                String::from_utf8_lossy(&data)
+            );
+            data.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no complete response in 5 s: {data:?}");
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// Waits (up to `limit`) for the server to close a raw `stream`; returns how long that took.
+pub async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 64];
+    match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!("unexpected {n} bytes"),
+        Err(_) => panic!("connection still open after {limit:?}"),
+    }
 }
