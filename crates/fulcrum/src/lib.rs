@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod server;
+pub mod tick;
 pub mod tls;
 pub mod workers;

@@ -193,12 +193,12 @@ async fn supervise(
     let tick = SESSION_TICK
         .min(idle_timeout)
         .max(Duration::from_millis(10));
-    let mut ticks = tokio::time::interval(tick);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = crate::tick::Ticker::new(tick);
     let mut last_total = 0;
     let mut last_change = Instant::now();
     loop {
         tokio::select! {
+            biased;
             result = &mut copy => return match result {
                 Ok(()) => RelayEnd::Closed,
                 Err(error) => RelayEnd::Error(error),

@@ -412,9 +412,7 @@ async fn serve_round<S: ParkStream>(
         .http1
         .serve_connection(TokioIo::new(io), service(ctx.clone()))
         .with_upgrades();
-    let mut ticks =
-        tokio::time::interval_at(tokio::time::Instant::now() + settings.tick, settings.tick);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = crate::tick::Ticker::new(settings.tick);
     let mut draining = false;
     let mut parking = false;
     let result = loop {
