@@ -118,9 +118,11 @@ struct Engine {
 impl Engine {
     /// Polls `inner` (which only the connection makes progress), polling the connection
     /// whenever `inner` is not ready, until `inner` is ready or nothing is left to do.
+    /// `connection_first` skips the first look at `inner` when it cannot be ready yet.
     fn drive<T>(
         &mut self,
         cx: &mut Context<'_>,
+        mut connection_first: bool,
         mut inner: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
         let Some(connection) = self.connection.as_mut() else {
@@ -130,10 +132,12 @@ impl Engine {
         let mut relayed = Context::from_waker(&self.waker);
         for _ in 0..MAX_ROUNDS {
             self.relay.state.store(POLLING, Ordering::Release);
-            if let Poll::Ready(value) = inner(&mut relayed) {
-                // The caller polls again when it wants more: nothing to wake it for.
-                self.relay.state.store(0, Ordering::Release);
-                return Poll::Ready(value);
+            if !std::mem::take(&mut connection_first) {
+                if let Poll::Ready(value) = inner(&mut relayed) {
+                    // The caller polls again when it wants more: nothing to wake it for.
+                    self.relay.state.store(0, Ordering::Release);
+                    return Poll::Ready(value);
+                }
             }
             // The connection, polled now, sees whatever woke it so far.
             self.relay.state.store(POLLING, Ordering::Release);
@@ -196,7 +200,7 @@ impl Driven {
         cx: &mut Context<'_>,
         inner: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        self.engine.drive(cx, inner)
+        self.engine.drive(cx, false, inner)
     }
 
     /// Sends `request` and drives the connection until the response head arrived. On
@@ -210,7 +214,13 @@ impl Driven {
         let uploads = !request.body().is_end_stream();
         let mut response = pin!(self.sender.try_send_request(request));
         let engine = &mut self.engine;
-        let result = poll_fn(|cx| engine.drive(cx, |cx| response.as_mut().poll(cx))).await;
+        let mut first = true;
+        let result = poll_fn(|cx| {
+            // The response cannot be in before the connection wrote the request.
+            let first = std::mem::take(&mut first);
+            engine.drive(cx, first, |cx| response.as_mut().poll(cx))
+        })
+        .await;
         if uploads && result.is_ok() {
             self.detach();
         }
@@ -236,7 +246,7 @@ impl Driven {
             return false;
         }
         let (engine, sender) = (&mut self.engine, &mut self.sender);
-        poll_fn(|cx| engine.drive(cx, |cx| sender.poll_ready(cx)))
+        poll_fn(|cx| engine.drive(cx, false, |cx| sender.poll_ready(cx)))
             .await
             .is_ok()
     }
@@ -247,11 +257,10 @@ impl Driven {
     pub fn settle(&mut self) -> bool {
         if !self.is_ready() && !self.detached {
             let sender = &mut self.sender;
+            let mut noop = Context::from_waker(Waker::noop());
             let _ = self
                 .engine
-                .drive(&mut Context::from_waker(Waker::noop()), |cx| {
-                    sender.poll_ready(cx)
-                });
+                .drive(&mut noop, true, |cx| sender.poll_ready(cx));
         }
         self.engine.relay.task.take();
         self.is_ready()
@@ -286,7 +295,7 @@ impl UpstreamSender {
     /// do not poll it, like health checks reading a body).
     pub fn detached(self) -> Self {
         match self {
-            UpstreamSender::Driven(driven) => UpstreamSender::Http1(driven.into_detached()),
+            UpstreamSender::Driven(driven) => UpstreamSender::Http1((*driven).into_detached()),
             other => other,
         }
     }
@@ -300,7 +309,7 @@ impl UpstreamSender {
                 if driven.settle() {
                     UpstreamSender::Driven(driven)
                 } else {
-                    UpstreamSender::Http1(driven.into_detached())
+                    UpstreamSender::Http1((*driven).into_detached())
                 }
             }
             other => other,

@@ -148,7 +148,7 @@ pub enum UpstreamSender {
     /// HTTP/1.1, the connection running in a task of its own.
     Http1(SendRequest<RequestBody>),
     /// HTTP/1.1, the connection polled by the task using it (see `proxy::driven`).
-    Driven(Driven),
+    Driven(Box<Driven>),
     /// HTTP/2, with whether the connection uses TLS (for the `:scheme`).
     Http2(http2::SendRequest<RequestBody>, bool),
 }
@@ -447,7 +447,9 @@ where
                 .await
                 .map_err(ConnectError::Handshake)?;
             let connection = driven::track(connection, address, stats);
-            Ok(UpstreamSender::Driven(Driven::new(sender, connection)))
+            Ok(UpstreamSender::Driven(Box::new(Driven::new(
+                sender, connection,
+            ))))
         }
         UpstreamProtocol::H2 => {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
