@@ -43,3 +43,39 @@ async fn request_on_a_pooled_connection_the_backend_closed_goes_out_on_a_new_one
     let logs = lb.logs();
     assert!(!logs.contains("backend failed before answering"), "{logs}");
 }
+
+/// The response timeout's timer is kept with the upstream connection and moved on lazily:
+/// each request still gets its full `request` timeout, counted from when it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_reused_connection_gets_its_full_response_timeout() {
+    let b = backend("b", 0);
+    let lb = balancer(
+        &[(b.addr, 1)],
+        "max_attempts = 1\n[pools.app.timeouts]\nrequest = \"1s\"",
+    );
+    let client = client();
+    let get = |delay_ms: u64| {
+        let request = client.get(format!("http://{}/?delay_ms={delay_ms}", lb.addr));
+        async move {
+            let started = std::time::Instant::now();
+            let status = request.send().await.unwrap().status().as_u16();
+            (status, started.elapsed())
+        }
+    };
+    // The first request arms the timer at its deadline (t0 + 1 s); the second one, answered
+    // after 600 ms on the same connection, leaves it there.
+    assert_eq!(get(0).await.0, 200);
+    assert_eq!(get(600).await.0, 200);
+    // Sent at ~t0 + 0.6 s and answered at ~t0 + 1.3 s: the timer fires at t0 + 1 s, before
+    // this request's own deadline (~t0 + 1.6 s), and must not time it out.
+    let (status, took) = get(700).await;
+    assert_eq!(status, 200, "timed out early after {took:?}");
+    // A request slower than the timeout still gets its 504, after about the timeout.
+    let (status, took) = get(3000).await;
+    assert_eq!(status, 504);
+    assert!(
+        took >= std::time::Duration::from_millis(900)
+            && took < std::time::Duration::from_millis(2500),
+        "504 after {took:?}"
+    );
+}

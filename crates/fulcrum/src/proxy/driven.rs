@@ -23,6 +23,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 
@@ -30,6 +31,7 @@ use http::{Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, TrySendError};
+use tokio::time::{Instant, Sleep};
 
 use crate::proxy::body::RequestBody;
 use crate::proxy::upstream::{ConnectionStats, UpstreamSender};
@@ -158,6 +160,29 @@ impl Engine {
         Poll::Pending
     }
 
+    /// Whether `deadline` passed, on `timer` (made on first use, moved on to `deadline` when
+    /// it fired at an earlier one).
+    fn poll_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        deadline: Instant,
+    ) -> Poll<()> {
+        self.relay.task.register(cx.waker());
+        let mut relayed = Context::from_waker(&self.waker);
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            std::task::ready!(sleep.as_mut().poll(&mut relayed));
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+
     /// Hands the connection to a task of its own.
     fn detach(&mut self) {
         if let Some(connection) = self.connection.take() {
@@ -167,12 +192,21 @@ impl Engine {
     }
 }
 
+/// The response head did not arrive before the deadline.
+#[derive(Debug)]
+pub struct TimedOut;
+
 /// An HTTP/1.1 connection with its sender, polled by whoever uses it (until detached).
 pub struct Driven {
     sender: http1::SendRequest<RequestBody>,
     engine: Engine,
     /// The connection runs in a task of its own now.
     detached: bool,
+    /// The response timeout's timer, kept with the connection: registering and cancelling a
+    /// timer for every request costs more than the rest of the timeout. It stays armed at an
+    /// earlier request's deadline (never later than the current one) and is moved on to the
+    /// current deadline only when it fires before it.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Driven {
@@ -190,6 +224,7 @@ impl Driven {
                 relay,
             },
             detached: false,
+            timer: None,
         }
     }
 
@@ -211,17 +246,48 @@ impl Driven {
         &mut self,
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self.send_until(request, None).await {
+            Ok(result) => result,
+            Err(TimedOut) => unreachable!("no deadline, no timeout"),
+        }
+    }
+
+    /// [`send`](Self::send), failing with [`TimedOut`] when the response head is not in
+    /// `timeout` after `sent_ns` (a [`crate::clock::now_ns`] reading).
+    pub async fn send_within(
+        &mut self,
+        request: Request<RequestBody>,
+        timeout: Duration,
+        sent_ns: u64,
+    ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, TimedOut> {
+        let deadline = Instant::from_std(crate::clock::instant_at(sent_ns)) + timeout;
+        self.send_until(request, Some(deadline)).await
+    }
+
+    async fn send_until(
+        &mut self,
+        request: Request<RequestBody>,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, TimedOut> {
         let uploads = !request.body().is_end_stream();
         let mut response = pin!(self.sender.try_send_request(request));
-        let engine = &mut self.engine;
+        let (engine, timer) = (&mut self.engine, &mut self.timer);
         let mut first = true;
         let result = poll_fn(|cx| {
             // The response cannot be in before the connection wrote the request.
             let first = std::mem::take(&mut first);
-            engine.drive(cx, first, |cx| response.as_mut().poll(cx))
+            if let Poll::Ready(result) = engine.drive(cx, first, |cx| response.as_mut().poll(cx)) {
+                return Poll::Ready(Ok(result));
+            }
+            match deadline {
+                Some(deadline) => engine
+                    .poll_timer(cx, timer, deadline)
+                    .map(|()| Err(TimedOut)),
+                None => Poll::Pending,
+            }
         })
         .await;
-        if uploads && result.is_ok() {
+        if uploads && matches!(result, Ok(Ok(_))) {
             self.detach();
         }
         result
