@@ -130,7 +130,6 @@ impl Engine {
         let Some(connection) = self.connection.as_mut() else {
             return inner(cx);
         };
-        self.relay.task.register(cx.waker());
         let mut relayed = Context::from_waker(&self.waker);
         for _ in 0..MAX_ROUNDS {
             self.relay.state.store(POLLING, Ordering::Release);
@@ -152,6 +151,9 @@ impl Engine {
                 self.relay.state.store(0, Ordering::Release);
                 return Poll::Ready(value);
             }
+            // Pending: wakes from now on go to this task. (Registered only now: a `Ready`
+            // needs no waker, and a wake before this point is seen by the swap below.)
+            self.relay.task.register(cx.waker());
             if self.relay.state.swap(0, Ordering::AcqRel) & WOKEN == 0 {
                 return Poll::Pending;
             }
@@ -168,14 +170,20 @@ impl Engine {
         timer: &mut Option<Pin<Box<Sleep>>>,
         deadline: Instant,
     ) -> Poll<()> {
-        self.relay.task.register(cx.waker());
-        let mut relayed = Context::from_waker(&self.waker);
+        // Through the relay (whose task `drive` registered when it returned `Pending`), so
+        // that the timer firing while the connection is idle in the pool wakes nobody.
+        let waker = if self.connection.is_some() {
+            &self.waker
+        } else {
+            cx.waker()
+        };
+        let cx = &mut Context::from_waker(waker);
         let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
         }
         loop {
-            std::task::ready!(sleep.as_mut().poll(&mut relayed));
+            std::task::ready!(sleep.as_mut().poll(cx));
             if sleep.deadline() >= deadline {
                 return Poll::Ready(());
             }
