@@ -79,3 +79,31 @@ async fn each_request_on_a_reused_connection_gets_its_full_response_timeout() {
         "504 after {took:?}"
     );
 }
+
+/// A client that goes away in the middle of a response body leaves its upstream connection
+/// mid-message: it must be closed, never handed to the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_left_mid_body_by_the_client_is_not_reused() {
+    let b = backend("b", 0);
+    let lb = balancer(&[(b.addr, 1)], "");
+    let mut response = client()
+        .get(format!("http://{}/bytes/{}", lb.addr, 64 * 1024 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.chunk().await.unwrap().is_some());
+    drop(response);
+    // Fresh clients: each request is answered whole, by a connection in a clean state.
+    for _ in 0..5 {
+        let response = client()
+            .get(format!("http://{}/after", lb.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).expect("a whole JSON body");
+        assert_eq!(body["path"], "/after");
+    }
+}
