@@ -12,3 +12,8 @@ fn origin() -> Instant {
 pub fn now_ns() -> u64 {
     origin().elapsed().as_nanos() as u64 + 1
 }
+
+/// The instant `now_ns()` returned `ns` at.
+pub fn instant_at(ns: u64) -> Instant {
+    origin() + std::time::Duration::from_nanos(ns.saturating_sub(1))
+}

@@ -19,7 +19,7 @@ use crate::config::{
 };
 use crate::proxy::body::RequestBody;
 use crate::proxy::proxy_protocol::encode_local;
-use crate::proxy::upstream::{dial, ConnectError, UpstreamTransport};
+use crate::proxy::upstream::{dial, ConnectError, UpstreamSender, UpstreamTransport};
 
 /// Most of a health-check response body that is read to look for `expect_body`.
 const MAX_CHECK_BODY: usize = 64 * 1024;
@@ -119,13 +119,13 @@ impl ActiveCheck {
         address: SocketAddr,
         transport: &UpstreamTransport,
     ) -> Result<(), CheckError> {
-        let mut sender =
-            dial(address, transport, self.timeout, None)
-                .await
-                .map_err(|e| match e {
-                    ConnectError::Io(e) => CheckError::Io(e),
-                    e => CheckError::Http(e.to_string()),
-                })?;
+        let mut sender = dial(address, transport, self.timeout, None)
+            .await
+            .map(UpstreamSender::detached)
+            .map_err(|e| match e {
+                ConnectError::Io(e) => CheckError::Io(e),
+                e => CheckError::Http(e.to_string()),
+            })?;
         let host = self.host.clone().unwrap_or_else(|| address.to_string());
         let mut request = Request::get(self.path.as_str())
             .header(

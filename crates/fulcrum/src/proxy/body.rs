@@ -155,7 +155,7 @@ impl UpstreamBody {
 
     fn release_connection(&mut self) {
         if let Some(sender) = self.sender.take() {
-            self.guard.backend().connections.release(sender);
+            self.guard.backend().connections.release(sender.settled());
         }
     }
 }
@@ -199,7 +199,14 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(body) => {
-                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+                let inner = &mut body.inner;
+                let polled = match &mut body.sender {
+                    // A driven connection reads the body only when polled.
+                    Some(UpstreamSender::Driven(driven)) => {
+                        driven.drive(cx, |cx| Pin::new(&mut *inner).poll_frame(cx))
+                    }
+                    _ => Pin::new(inner).poll_frame(cx),
+                };
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let (Some(access), Some(data)) = (body.access.as_mut(), frame.data_ref())

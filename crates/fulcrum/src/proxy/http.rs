@@ -20,8 +20,9 @@ use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
 use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
+use crate::proxy::driven::TimedOut;
 use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop};
-use crate::proxy::upstream::UpstreamConnection;
+use crate::proxy::upstream::{UpstreamConnection, UpstreamSender};
 
 /// Most backends one request can be tried on, whatever the config says (bounds the stack
 /// array of tried indexes).
@@ -280,11 +281,18 @@ impl HttpProxy {
         loop {
             let _awaiting = backend.await_answer();
             let sent_ns = now_ns();
-            let sent = tokio::time::timeout(
-                settings.request_timeout,
-                connection.sender.try_send_request(request),
-            )
-            .await;
+            let sent = match &mut connection.sender {
+                UpstreamSender::Driven(driven) => {
+                    driven
+                        .send_within(request, settings.request_timeout, sent_ns)
+                        .await
+                }
+                sender => {
+                    tokio::time::timeout(settings.request_timeout, sender.try_send_request(request))
+                        .await
+                        .map_err(|_| TimedOut)
+                }
+            };
             let mut error = match sent {
                 Ok(Ok(mut response)) => {
                     // Time to response headers feeds the backend's peak-EWMA latency.

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod driven;
 pub mod headers;
 pub mod http;
 pub mod proxy_protocol;

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::config::{PoolConfig, UpstreamProtocol};
 use crate::pool::PoolSettings;
 use crate::proxy::body::RequestBody;
+use crate::proxy::driven::{self, Driven};
 
 /// An HTTP/1.1 connection handle.
 type SendRequest<B> = http1::SendRequest<B>;
@@ -147,8 +148,10 @@ impl fmt::Debug for UpstreamTransport {
 /// A handle to send requests on: an HTTP/1.1 connection (one request at a time) or a clone
 /// of a shared HTTP/2 connection (many streams at once).
 pub enum UpstreamSender {
-    /// HTTP/1.1.
+    /// HTTP/1.1, the connection running in a task of its own.
     Http1(SendRequest<RequestBody>),
+    /// HTTP/1.1, the connection polled by the task using it (see `proxy::driven`).
+    Driven(Box<Driven>),
     /// HTTP/2, with whether the connection uses TLS (for the `:scheme`).
     Http2(http2::SendRequest<RequestBody>, bool),
 }
@@ -162,6 +165,7 @@ impl UpstreamSender {
     ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
         match self {
             UpstreamSender::Http1(sender) => sender.try_send_request(request).await,
+            UpstreamSender::Driven(driven) => driven.send(request).await,
             UpstreamSender::Http2(sender, tls) => {
                 let request = to_h2(request, *tls);
                 sender.try_send_request(request).await
@@ -173,6 +177,7 @@ impl UpstreamSender {
     pub fn is_closed(&self) -> bool {
         match self {
             UpstreamSender::Http1(sender) => sender.is_closed(),
+            UpstreamSender::Driven(driven) => driven.is_closed(),
             UpstreamSender::Http2(sender, _) => sender.is_closed(),
         }
     }
@@ -210,7 +215,7 @@ pub struct UpstreamConnection {
 }
 
 struct IdleConnection {
-    sender: SendRequest<RequestBody>,
+    sender: UpstreamSender,
     idle_since: Instant,
 }
 
@@ -293,10 +298,10 @@ impl ConnectionPool {
                 continue;
             }
             // Normally ready at once; errs if the backend closed the connection meanwhile.
-            if idle.sender.ready().await.is_ok() {
+            if idle.sender.ready().await {
                 self.stats.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(UpstreamConnection {
-                    sender: UpstreamSender::Http1(idle.sender),
+                    sender: idle.sender,
                     reused: true,
                 });
             }
@@ -378,10 +383,7 @@ impl ConnectionPool {
     /// is full or the connection is closing. HTTP/2 handles are just dropped: the shared
     /// connection stays with the pool.
     pub fn release(&self, sender: UpstreamSender) {
-        let UpstreamSender::Http1(sender) = sender else {
-            return;
-        };
-        if sender.is_closed() {
+        if matches!(sender, UpstreamSender::Http2(..)) || sender.is_closed() {
             return;
         }
         let _ = self.idle_here().push(IdleConnection {
@@ -392,8 +394,10 @@ impl ConnectionPool {
 }
 
 /// Opens one connection to `address` as `transport` says: TCP (bounded by `connect_timeout`),
-/// TLS when configured (bounded too), then the HTTP/1.1 or HTTP/2 handshake. The
-/// connection's task runs in the background; `stats` counts it when given.
+/// TLS when configured (bounded too), then the HTTP/1.1 or HTTP/2 handshake. An HTTP/2
+/// connection's task runs in the background; an HTTP/1.1 one comes back `Driven` (polled by
+/// its user; `UpstreamSender::detached` runs it in the background). `stats` counts it when
+/// given.
 pub async fn dial(
     address: SocketAddr,
     transport: &UpstreamTransport,
@@ -440,7 +444,8 @@ pub async fn dial(
     }
 }
 
-/// Runs the HTTP handshake on a connected stream and spawns the connection's task.
+/// Runs the HTTP handshake on a connected stream: an HTTP/1.1 connection is returned to be
+/// driven by its user, an HTTP/2 one runs in a task of its own.
 async fn handshake<I>(
     io: I,
     protocol: UpstreamProtocol,
@@ -451,16 +456,16 @@ async fn handshake<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, connection): (
-        UpstreamSender,
-        std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>,
-    ) = match protocol {
+    match protocol {
         UpstreamProtocol::Http1 => {
             let (sender, connection) = http1::Builder::new()
                 .handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;
-            (UpstreamSender::Http1(sender), Box::pin(connection))
+            let connection = driven::track(connection, address, stats);
+            Ok(UpstreamSender::Driven(Box::new(Driven::new(
+                sender, connection,
+            ))))
         }
         UpstreamProtocol::H2 => {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -471,21 +476,8 @@ where
                 .handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;
-            (UpstreamSender::Http2(sender, tls), Box::pin(connection))
+            driven::spawn(driven::track(connection, address, stats));
+            Ok(UpstreamSender::Http2(sender, tls))
         }
-    };
-    let stats = stats.cloned();
-    if let Some(stats) = &stats {
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        stats.opened.fetch_add(1, Ordering::Relaxed);
     }
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(backend = %address, %error, "upstream connection ended with an error");
-        }
-        if let Some(stats) = stats {
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-        }
-    });
-    Ok(sender)
 }
