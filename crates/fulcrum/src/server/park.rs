@@ -46,7 +46,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
-use crate::proxy::body::{BodyWatcher, RequestBody, WatchedBody};
+use crate::proxy::body::{BodyWatch, BodyWatcher};
 use crate::proxy::http::HttpProxy;
 use crate::tls::TlsListener;
 
@@ -495,19 +495,16 @@ fn service(
         state.started.store(n.wrapping_add(1), Relaxed);
         // hyper parsed this request, so it read the previous body to its end.
         state.unread.store(false, Relaxed);
-        let request = request.map(|body| {
-            if body.is_end_stream() {
-                return RequestBody::Client(body);
-            }
+        let watch = (!request.body().is_end_stream()).then(|| {
             let open = state.open_bodies.load(Relaxed);
             state.open_bodies.store(open.wrapping_add(1), Relaxed);
             let watcher: std::sync::Weak<Ctx> = Arc::downgrade(&ctx);
-            RequestBody::Watched(WatchedBody::new(body, watcher, n))
+            BodyWatch::new(watcher, n)
         });
         async move {
             let _finished = Finished(&ctx.state);
             ctx.proxy
-                .handle(request, ctx.client, ctx.client_ip.clone())
+                .handle_watched(request, ctx.client, ctx.client_ip.clone(), watch)
                 .await
         }
     })
