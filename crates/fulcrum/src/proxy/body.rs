@@ -26,12 +26,9 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    /// The client's `body`, watched by `watch` if given.
-    pub(crate) fn client(body: Incoming, watch: Option<BodyWatch>) -> Self {
-        match watch {
-            None => RequestBody::Client(body),
-            Some(watch) => RequestBody::Watched(Box::new(WatchedBody { body, watch })),
-        }
+    /// The client's `body`, watched by `watch`.
+    pub(crate) fn watched(body: Incoming, watch: BodyWatch) -> Self {
+        RequestBody::Watched(Box::new(WatchedBody { body, watch }))
     }
 }
 

@@ -214,7 +214,10 @@ impl HttpProxy {
         let replay =
             (attempts > 1 && request.method().is_idempotent() && request.body().is_end_stream())
                 .then(|| ReplayableHead::of(&request));
-        let mut request = request.map(|body| RequestBody::client(body, watch));
+        let mut request = match watch {
+            None => request.map(RequestBody::Client),
+            Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+        };
         let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
         let mut failure = None;
         for attempt in 0..attempts {

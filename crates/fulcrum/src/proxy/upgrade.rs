@@ -177,7 +177,10 @@ impl HttpProxy {
             let awaiting = backend.await_answer();
             let response = match tokio::time::timeout(
                 settings.request_timeout,
-                sender.send_request(request.map(|body| RequestBody::client(body, watch))),
+                sender.send_request(match watch {
+                    None => request.map(RequestBody::Client),
+                    Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+                }),
             )
             .await
             {
