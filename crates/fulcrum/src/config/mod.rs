@@ -161,8 +161,7 @@ pub struct ListenerConfig {
     /// A client must send a complete request head within this time (408-style close).
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: ConfigDuration,
-    /// An HTTP/1.1 keep-alive client connection idle this long between requests is closed
-    /// (plain `http` listeners; `https` ones close at `header_read_timeout`).
+    /// An HTTP/1.1 keep-alive client connection idle this long between requests is closed.
     #[serde(default = "default_keep_alive_timeout")]
     pub keep_alive_timeout: ConfigDuration,
     /// An HTTP/1.1 client connection without traffic for about this long (between one and two

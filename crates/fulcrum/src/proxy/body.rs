@@ -2,6 +2,7 @@
 //! frame, or a short local body (errors). No boxing, no buffering.
 
 use std::pin::Pin;
+use std::sync::Weak;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,15 +18,17 @@ use crate::proxy::upstream::UpstreamSender;
 pub enum RequestBody {
     /// The client's body, streamed.
     Client(Incoming),
-    /// The client's body, streamed, its end reported to its connection.
-    Watched(WatchedBody),
+    /// The client's body, streamed, its end reported to its connection (boxed: rare, and the
+    /// other variants stay small).
+    Watched(Box<WatchedBody>),
     /// No body.
     Empty,
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(body: Incoming) -> Self {
-        RequestBody::Client(body)
+impl RequestBody {
+    /// The client's `body`, watched by `watch`.
+    pub(crate) fn watched(body: Incoming, watch: BodyWatch) -> Self {
+        RequestBody::Watched(Box::new(WatchedBody { body, watch }))
     }
 }
 
@@ -69,27 +72,45 @@ pub(crate) trait BodyWatcher: Send + Sync {
     fn body_done(&self, request: u32, read_to_end: bool);
 }
 
-/// A client request body that reports, once, when it is read to its end or dropped.
-pub struct WatchedBody {
-    body: Incoming,
-    /// Who to tell, and the request's number; `None` once told. Weak: a body an upstream
-    /// connection still holds does not keep its client connection's state (and slot) alive.
-    watcher: Option<(std::sync::Weak<dyn BodyWatcher>, u32)>,
+/// Reports, once, the end of one client request body to its watcher: read to its end (see
+/// [`WatchedBody`]), or dropped before (this guard dropped first, e.g. with a request that
+/// got a local error response).
+pub(crate) struct BodyWatch {
+    /// Weak: a body an upstream connection still holds does not keep its client connection's
+    /// state (and slot) alive.
+    watcher: Option<Weak<dyn BodyWatcher>>,
+    request: u32,
 }
 
-impl WatchedBody {
-    /// `body` of request number `request`; `watcher` hears of its end, if still there.
-    pub(crate) fn new(
-        body: Incoming,
-        watcher: std::sync::Weak<dyn BodyWatcher>,
-        request: u32,
-    ) -> Self {
-        WatchedBody {
-            body,
-            watcher: Some((watcher, request)),
+impl BodyWatch {
+    /// Watches the body of request number `request` for `watcher`.
+    pub(crate) fn new(watcher: Weak<dyn BodyWatcher>, request: u32) -> Self {
+        BodyWatch {
+            watcher: Some(watcher),
+            request,
         }
     }
 
+    fn done(&mut self, read_to_end: bool) {
+        if let Some(watcher) = self.watcher.take().and_then(|w| w.upgrade()) {
+            watcher.body_done(self.request, read_to_end);
+        }
+    }
+}
+
+impl Drop for BodyWatch {
+    fn drop(&mut self) {
+        self.done(false);
+    }
+}
+
+/// A client request body with its [`BodyWatch`].
+pub struct WatchedBody {
+    body: Incoming,
+    watch: BodyWatch,
+}
+
+impl WatchedBody {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
@@ -102,23 +123,9 @@ impl WatchedBody {
             _ => false,
         };
         if ended {
-            self.done(true);
+            self.watch.done(true);
         }
         polled
-    }
-
-    fn done(&mut self, read_to_end: bool) {
-        if let Some((watcher, request)) = self.watcher.take() {
-            if let Some(watcher) = watcher.upgrade() {
-                watcher.body_done(request, read_to_end);
-            }
-        }
-    }
-}
-
-impl Drop for WatchedBody {
-    fn drop(&mut self) {
-        self.done(false);
     }
 }
 

@@ -13,13 +13,14 @@ use fulcrum_balance::{bounded, key_hash, splitmix64, Algorithm, PickContext};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
+use hyper::body::Incoming;
 
 use crate::clock::now_ns;
 use crate::config::HashKey;
 use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
-use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
+use crate::proxy::body::{BodyWatch, ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::driven::TimedOut;
 use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop};
 use crate::proxy::upstream::{UpstreamConnection, UpstreamSender};
@@ -131,13 +132,24 @@ impl HttpProxy {
 
     /// Handles one client request from `client` (whose address as a header value is
     /// `client_ip`, made once per connection). Never fails: errors become responses.
-    pub async fn handle<B: Into<RequestBody>>(
+    pub fn handle(
         &self,
-        request: Request<B>,
+        request: Request<Incoming>,
         client: SocketAddr,
         client_ip: HeaderValue,
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + '_
+    {
+        self.handle_watched(request, client, client_ip, None)
+    }
+
+    /// [`HttpProxy::handle`], with `watch` told when the request's body is done.
+    pub(crate) async fn handle_watched(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        client_ip: HeaderValue,
+        watch: Option<BodyWatch>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let request = request.map(Into::into);
         let started = Instant::now();
         let mut access = self
             .access_log
@@ -145,11 +157,17 @@ impl HttpProxy {
         let mut response = if crate::proxy::upgrade::is_upgrade(&request) {
             // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
             // large; inline it would be reserved in every request's future.
-            Box::pin(self.forward_upgrade(request, client, &client_ip, self.tunnel_idle_timeout))
-                .await
+            Box::pin(self.forward_upgrade(
+                request,
+                client,
+                &client_ip,
+                self.tunnel_idle_timeout,
+                watch,
+            ))
+            .await
         } else {
             match prepare_request(request, &client_ip, self.scheme) {
-                Ok(request) => self.forward(request, client.ip()).await,
+                Ok(request) => self.forward(request, client.ip(), watch).await,
                 Err(message) => local_response(StatusCode::BAD_REQUEST, message),
             }
         };
@@ -176,8 +194,9 @@ impl HttpProxy {
 
     async fn forward(
         &self,
-        mut request: Request<RequestBody>,
+        request: Request<Incoming>,
         client: IpAddr,
+        watch: Option<BodyWatch>,
     ) -> Response<ProxyBody> {
         let pool = &self.pool;
         let snapshot_guard = pool.snapshot();
@@ -196,6 +215,10 @@ impl HttpProxy {
         let replay =
             (attempts > 1 && request.method().is_idempotent() && request.body().is_end_stream())
                 .then(|| ReplayableHead::of(&request));
+        let mut request = match watch {
+            None => request.map(RequestBody::Client),
+            Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+        };
         let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
         let mut failure = None;
         for attempt in 0..attempts {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use fulcrum_balance::PickContext;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::ext::Protocol;
 use hyper_util::rt::TokioIo;
@@ -23,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
 use crate::pool::{Backend, PoolSnapshot};
-use crate::proxy::body::{ProxyBody, RequestBody, UpstreamBody};
+use crate::proxy::body::{BodyWatch, ProxyBody, RequestBody, UpstreamBody};
 use crate::proxy::headers::remove_hop_by_hop;
 use crate::proxy::http::{local_response, prepare_request, HttpProxy};
 use crate::proxy::tcp::relay;
@@ -96,10 +97,11 @@ impl HttpProxy {
     /// Forwards an upgrade request; on `101` relays both connections until either closes.
     pub(crate) async fn forward_upgrade(
         &self,
-        mut request: Request<RequestBody>,
+        mut request: Request<Incoming>,
         client: SocketAddr,
         client_ip: &HeaderValue,
         idle_timeout: Duration,
+        watch: Option<BodyWatch>,
     ) -> Response<ProxyBody> {
         let client_upgrade = hyper::upgrade::on(&mut request);
         let slot = request.extensions_mut().remove::<ClientSlot>();
@@ -175,7 +177,10 @@ impl HttpProxy {
             let awaiting = backend.await_answer();
             let response = match tokio::time::timeout(
                 settings.request_timeout,
-                sender.send_request(request),
+                sender.send_request(match watch {
+                    None => request.map(RequestBody::Client),
+                    Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+                }),
             )
             .await
             {

@@ -48,7 +48,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
-use crate::proxy::body::{BodyWatcher, RequestBody, WatchedBody};
+use crate::proxy::body::{BodyWatch, BodyWatcher};
 use crate::proxy::http::HttpProxy;
 use crate::tls::TlsListener;
 
@@ -516,6 +516,27 @@ struct ConnState {
     unread: AtomicBool,
 }
 
+impl Ctx {
+    /// Counts a request whose service begins, and watches its `body` unless it is empty.
+    /// Not inlined: kept out of hyper's `recv_msg`, the service future is built in place
+    /// (callgrind: 400 instructions per request less).
+    #[inline(never)]
+    fn start_request(self: &Arc<Ctx>, body: &hyper::body::Incoming) -> Option<BodyWatch> {
+        let state = &self.state;
+        let n = state.started.load(Relaxed);
+        state.started.store(n.wrapping_add(1), Relaxed);
+        // hyper parsed this request, so it read the previous body to its end.
+        state.unread.store(false, Relaxed);
+        if body.is_end_stream() {
+            return None;
+        }
+        let open = state.open_bodies.load(Relaxed);
+        state.open_bodies.store(open.wrapping_add(1), Relaxed);
+        let watcher: std::sync::Weak<Ctx> = Arc::downgrade(self);
+        Some(BodyWatch::new(watcher, n))
+    }
+}
+
 impl BodyWatcher for Ctx {
     /// A body dropped before its end: hyper reads what has already arrived of the rest and,
     /// if that does not finish it, closes the connection once the response is written
@@ -558,24 +579,11 @@ fn service(
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         crate::proxy::upgrade::attach_client_slot(&mut request, &ctx.slot);
         let ctx = ctx.clone();
-        let state = &ctx.state;
-        let n = state.started.load(Relaxed);
-        state.started.store(n.wrapping_add(1), Relaxed);
-        // hyper parsed this request, so it read the previous body to its end.
-        state.unread.store(false, Relaxed);
-        let request = request.map(|body| {
-            if body.is_end_stream() {
-                return RequestBody::Client(body);
-            }
-            let open = state.open_bodies.load(Relaxed);
-            state.open_bodies.store(open.wrapping_add(1), Relaxed);
-            let watcher: std::sync::Weak<Ctx> = Arc::downgrade(&ctx);
-            RequestBody::Watched(WatchedBody::new(body, watcher, n))
-        });
+        let watch = ctx.start_request(request.body());
         async move {
             let _finished = Finished(&ctx.state);
             ctx.proxy
-                .handle(request, ctx.client, ctx.client_ip.clone())
+                .handle_watched(request, ctx.client, ctx.client_ip.clone(), watch)
                 .await
         }
     })
