@@ -310,11 +310,14 @@ impl HttpProxy {
                         .send_within(request, settings.request_timeout, sent_ns)
                         .await
                 }
-                sender => {
-                    tokio::time::timeout(settings.request_timeout, sender.try_send_request(request))
-                        .await
-                        .map_err(|_| TimedOut)
-                }
+                // Boxed: HTTP/2 (and spawned HTTP/1.1) sends would otherwise reserve their timer
+                // and hyper future inside every request's future, which hyper moves around.
+                sender => Box::pin(tokio::time::timeout(
+                    settings.request_timeout,
+                    sender.try_send_request(request),
+                ))
+                .await
+                .map_err(|_| TimedOut),
             };
             let mut error = match sent {
                 Ok(Ok(mut response)) => {
