@@ -5,6 +5,7 @@
 //! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
 
 pub mod admin;
+pub mod allocator;
 pub mod agent;
 pub mod autoscale;
 pub mod backend;

@@ -96,7 +96,7 @@ enum Command {
 /// mimalloc instead of the system allocator: see the README's Performance section for the
 /// measured difference in CPU per request and in idle-connection memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fulcrum::allocator::MiMalloc = fulcrum::allocator::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
