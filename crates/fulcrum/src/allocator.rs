@@ -85,7 +85,10 @@ mod tests {
     fn every_size_and_alignment_is_honoured_and_realloc_keeps_the_bytes() {
         let allocator = MiMalloc;
         for align in [1usize, 2, 4, 8, 16, 32, 64, 4096] {
-            for size in [1usize, 7, 8, 9, 15, 16, 24, 36, 40, 56, 72, 100, 200, 1024, 1025, 3000, 8192, 70_000] {
+            for size in [
+                1usize, 7, 8, 9, 15, 16, 24, 36, 40, 56, 72, 100, 200, 1024, 1025, 3000, 8192,
+                70_000,
+            ] {
                 let layout = Layout::from_size_align(size, align).unwrap();
                 // SAFETY: a non-zero-size layout; every pointer is freed with its layout.
                 unsafe {

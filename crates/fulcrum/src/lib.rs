@@ -5,8 +5,8 @@
 //! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
 
 pub mod admin;
-pub mod allocator;
 pub mod agent;
+pub mod allocator;
 pub mod autoscale;
 pub mod backend;
 pub mod clock;
