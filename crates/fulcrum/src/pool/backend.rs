@@ -358,9 +358,7 @@ impl BackendState {
 
     /// Whether passive ejection currently keeps the backend out.
     pub fn is_ejected(&self) -> bool {
-        // The clock is read only when an ejection is on record (this runs on every pick).
-        self.passive.ejected_until_ns.load(Ordering::Relaxed) != 0
-            && self.passive.is_ejected(now_ns())
+        self.passive.is_ejected_now()
     }
 
     /// Records a good answer (resets the passive failure streak).
@@ -464,6 +462,14 @@ impl PassiveState {
     fn is_ejected(&self, now: u64) -> bool {
         let until = self.ejected_until_ns.load(Ordering::Relaxed);
         until != 0 && now < until
+    }
+
+    /// [`Self::is_ejected`] at the current time; the clock is read only when an ejection is on
+    /// record (this runs on every pick).
+    #[inline]
+    fn is_ejected_now(&self) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && now_ns() < until
     }
 
     #[inline]
