@@ -1209,7 +1209,7 @@ def report(ctx, args, results, started_at):
         shares = {k: v.get("shares") for k, v in results["slow"].items() if k != BASELINE}
         if any(shares.values()):
             print("\nShare of requests sent to the slow backend: " + ", ".join(
-                f"{k} {s[2]:.1f}%" for k, s in shares.items() if s))
+                f"{k} {s[2]:.3f}%" for k, s in shares.items() if s))
     if "idle" in results:
         print(f"\n### (d) {args.idle_connections} idle keep-alive client connections\n")
         print("| balancer | RSS before | RSS holding them | KiB per connection |")

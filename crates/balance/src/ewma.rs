@@ -2,6 +2,13 @@
 //! at once, faster samples pull it down gradually, and with no samples it decays towards zero
 //! over time, so a backend that was slow is tried again later.
 //!
+//! Unlike Finagle's purely time-based weights, every faster sample pulls the estimate at least
+//! [`MIN_SAMPLE_WEIGHT`] of the way down. With time weights alone a busy backend (tens of
+//! thousands of samples a second, each weighing `1 - e^(-Δt/τ)` ≈ Δt/τ) keeps its worst
+//! moment of the last τ seconds as its estimate, so one scheduling hiccup makes a fast server
+//! look as slow as a truly slow one for seconds; with the floor it forgets a one-off peak after
+//! about a hundred faster answers, while a server that stays slow keeps a high estimate.
+//!
 //! The state is two atomics; readers never write, writers use one compare-and-swap loop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +17,10 @@ use std::time::Duration;
 /// Default decay time constant: after this long without samples the estimate has fallen to
 /// 1/e (37%) of its value.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+
+/// The least weight a sample below the estimate gets, however soon it follows the previous
+/// one: the estimate forgets a one-off peak within ~`3 / MIN_SAMPLE_WEIGHT` faster samples.
+pub const MIN_SAMPLE_WEIGHT: f64 = 1.0 / 32.0;
 
 /// A lock-free peak-EWMA latency estimate in nanoseconds.
 ///
@@ -59,7 +70,8 @@ impl PeakEwma {
     }
 
     /// Records one round-trip time observed at `now_ns` (> 0): a sample above the current
-    /// estimate replaces it (peak), a lower one is averaged in with weight `1 - e^(-Δt/τ)`.
+    /// estimate replaces it (peak), a lower one is averaged in with weight
+    /// `max(1 - e^(-Δt/τ), MIN_SAMPLE_WEIGHT)`.
     pub fn observe(&self, rtt_ns: u64, now_ns: u64) {
         let rtt = rtt_ns as f64;
         let now_ns = now_ns.max(1);
@@ -72,7 +84,7 @@ impl PeakEwma {
             let next = if stamp == 0 || rtt > cost {
                 rtt
             } else {
-                let w = (-elapsed * inv_decay).exp();
+                let w = (-elapsed * inv_decay).exp().min(1.0 - MIN_SAMPLE_WEIGHT);
                 cost * w + rtt * (1.0 - w)
             };
             match self.cost_bits.compare_exchange_weak(
@@ -140,12 +152,36 @@ mod tests {
         // Ten seconds later with no samples: e^-1 of it.
         let later = ewma.estimate(11 * S + 1);
         assert!((18 * MS..19 * MS).contains(&later), "{later}");
-        // A fast sample right after a peak barely moves it; one much later dominates.
+        // A fast sample right after a peak moves it by MIN_SAMPLE_WEIGHT; one much later dominates.
         ewma.observe(MS, S + 2);
-        assert!(ewma.estimate(S + 2) > 49 * MS);
+        assert!((48 * MS..49 * MS).contains(&ewma.estimate(S + 2)));
         ewma.observe(MS, 100 * S);
         let settled = ewma.estimate(100 * S);
         assert!((MS..MS + MS / 100).contains(&settled), "{settled}");
+    }
+
+    #[test]
+    fn frequent_fast_samples_forget_a_peak() {
+        // A busy backend: a sample every 40 µs, one 10 ms hiccup among 0.5 ms answers.
+        let ewma = PeakEwma::new(Duration::from_secs(10));
+        let mut now = S;
+        ewma.observe(MS / 2, now);
+        now += 40_000;
+        ewma.observe(10 * MS, now);
+        assert_eq!(ewma.estimate(now), 10 * MS);
+        for _ in 0..100 {
+            now += 40_000;
+            ewma.observe(MS / 2, now);
+        }
+        // 4 ms later the hiccup is mostly forgotten (time weights alone: still ~10 ms).
+        let settled = ewma.estimate(now);
+        assert!(settled < MS, "{settled}");
+        // A backend that stays slow keeps its estimate.
+        for _ in 0..100 {
+            now += 40_000;
+            ewma.observe(10 * MS, now);
+        }
+        assert_eq!(ewma.estimate(now), 10 * MS);
     }
 
     #[test]
