@@ -163,17 +163,24 @@ def process_tree(pid):
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids):
-    """utime + stime of the processes (all their threads), in seconds."""
-    total = 0
+def cpu_split(pids):
+    """(utime, stime) of the processes (all their threads), in seconds: user space, and the
+    kernel working for them (syscalls, and on loopback the peer's TCP receive path)."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+            user += int(fields[11])  # field 14 of stat(5)
+            system += int(fields[12])  # field 15
         except OSError:
             pass
-    return total / TICKS
+    return user / TICKS, system / TICKS
+
+
+def cpu_seconds(pids):
+    """utime + stime of the processes (all their threads), in seconds."""
+    return sum(cpu_split(pids))
 
 
 def rss_kib(pids):
@@ -603,12 +610,15 @@ def measure(ctx, balancer, backends, connections, seconds):
     """One wrk run through `balancer`: req/s, latency, CPU µs/request, upstream reuse, shares."""
     pids = balancer.pids()
     before_stats = backends.stats()
-    cpu0 = cpu_seconds(pids)
+    user0, system0 = cpu_split(pids)
     result = run_wrk(ctx, balancer.address, connections, seconds, scheme=balancer.scheme)
-    cpu1 = cpu_seconds(pids)
+    user1, system1 = cpu_split(pids)
+    cpu0, cpu1 = user0 + system0, user1 + system1
     after_stats = backends.stats()
     served = max(result["requests"], 1)
     result["cpu_us"] = (cpu1 - cpu0) * 1e6 / served
+    result["user_us"] = (user1 - user0) * 1e6 / served
+    result["sys_us"] = (system1 - system0) * 1e6 / served
     result["cpu_util"] = (cpu1 - cpu0) / seconds
     if before_stats and after_stats:
         # Each /stats read opens one connection: the "after" read is inside the delta.
@@ -664,7 +674,8 @@ def interleaved(ctx, backends, algorithms, connections, label, extra=(), protoco
                         f"p99 {o['p99']:.2f} ms")
                 log(f"  [{label}] round {round_no + 1}/{ctx.rounds} {name:8} "
                     f"{r['rps']:9.0f} req/s p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms "
-                    f"cpu {r['cpu_us']:.1f} us/req ({100 * r['cpu_util']:.0f}% of a core)"
+                    f"cpu {r['cpu_us']:.1f} us/req (user {r['user_us']:.1f} sys {r['sys_us']:.1f}; "
+                    f"{100 * r['cpu_util']:.0f}% of a core)"
                     + (f" reuse {r['reuse']:.2f}%" if "reuse" in r and protocol != "tcp" else "")
                     + (f" errors {r['errors']}" if r["errors"] else ""))
                 runs[name].append(r)
@@ -674,7 +685,7 @@ def interleaved(ctx, backends, algorithms, connections, label, extra=(), protoco
     medians = {}
     for name, rs in runs.items():
         m = {key: median_of(rs, key) for key in
-             ("rps", "p50", "p90", "p99", "cpu_us", "cpu_util", "reuse",
+             ("rps", "p50", "p90", "p99", "cpu_us", "user_us", "sys_us", "cpu_util", "reuse",
               "oha_p50", "oha_p90", "oha_p99")}
         m["errors"] = sum(r["errors"] for r in rs)
         if all("shares" in r for r in rs):
@@ -1189,6 +1200,7 @@ def report(ctx, args, results, started_at):
 
     cols_healthy = [("req/s", "rps", ".0f", ""), ("p50 ms", "p50", ".2f", ""),
                     ("p99 ms", "p99", ".2f", ""), ("CPU µs/req", "cpu_us", ".1f", ""),
+                    ("user µs", "user_us", ".1f", ""), ("sys µs", "sys_us", ".1f", ""),
                     ("core busy", "cpu_util", ".0%", ""),
                     ("upstream reuse", "reuse", ".2f", "%")]
     if "healthy" in results:
@@ -1234,6 +1246,7 @@ def report(ctx, args, results, started_at):
             print("\nOn this machine the second worker's CPU also runs wrk and the backends.")
     cols_l4 = [("req/s", "rps", ".0f", ""), ("p50 ms", "p50", ".2f", ""),
                ("p99 ms", "p99", ".2f", ""), ("CPU µs/req", "cpu_us", ".1f", ""),
+                    ("user µs", "user_us", ".1f", ""), ("sys µs", "sys_us", ".1f", ""),
                ("core busy", "cpu_util", ".0%", "")]
     if "tcp" in results:
         print_main_table("(e) TCP (L4) mode, 3 HTTP backends, wrk -c64 keep-alive "
