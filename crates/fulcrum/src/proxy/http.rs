@@ -257,7 +257,9 @@ impl HttpProxy {
             return response;
         }
         if settings.panic_mode && !snapshot.backends.is_empty() {
-            return self.forward_in_panic(snapshot, request).await;
+            // Boxed: panic mode is rare and its state (another exchange) would otherwise
+            // widen every request's future, which is moved per request.
+            return Box::pin(self.forward_in_panic(snapshot, request)).await;
         }
         tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
         local_response(
