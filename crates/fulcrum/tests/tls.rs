@@ -443,8 +443,12 @@ async fn upstream_tls_verifies_with_the_pool_ca_and_speaks_h1_or_h2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_upstream_multiplexes_requests_on_one_connection() {
     let backend = backend("one", 0);
+    // One worker: each worker keeps its own HTTP/2 connection (tests/workers.rs).
     let lb = balancer_with(
-        &config(&plain_listener(), &[backend.addr], "protocol = \"h2\""),
+        &format!(
+            "[server]\nworkers = 1\n\n{}",
+            config(&plain_listener(), &[backend.addr], "protocol = \"h2\"")
+        ),
         1,
     );
     let url = format!("http://{}/?delay_ms=200", lb.addr);

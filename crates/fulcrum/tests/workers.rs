@@ -97,6 +97,38 @@ async fn per_core_workers_share_the_port_and_keep_their_own_upstream_connections
 }
 
 #[tokio::test]
+async fn per_core_workers_keep_their_own_h2_upstream_connection() {
+    let backend = backend("h2", 0);
+    let config = config(&[backend.addr], "workers = 2", "").replace(
+        "algorithm = \"round_robin\"",
+        "algorithm = \"round_robin\"\nprotocol = \"h2\"",
+    );
+    let lb = balancer_with(&config, 1);
+    // New client connections land on both workers (checked by the accepted counts); each
+    // worker opens one HTTP/2 connection to the backend and multiplexes its requests on it.
+    for _ in 0..60 {
+        let status = request_on_new_connection(lb.addr).await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    let metrics = metrics_text(&lb).await;
+    let (accepted, workers) = metric_sum(&metrics, "fulcrum_worker_connections_accepted");
+    assert_eq!((accepted, workers), (60, 2), "{metrics}");
+    let busy_workers = metrics
+        .lines()
+        .filter(|l| l.starts_with("fulcrum_worker_connections_accepted") && !l.ends_with(" 0"))
+        .count();
+    assert_eq!(
+        busy_workers, 2,
+        "both workers accept connections:\n{metrics}"
+    );
+    // A connection shared by the workers would be 1; one per request would be 60.
+    let (opened, _) = metric_sum(&metrics, "fulcrum_upstream_connections_opened");
+    assert_eq!(opened, 2, "one HTTP/2 connection per worker:\n{metrics}");
+    let (reused, _) = metric_sum(&metrics, "fulcrum_upstream_requests_reused");
+    assert_eq!(reused, 58, "{metrics}");
+}
+
+#[tokio::test]
 async fn the_workers_flag_replaces_the_config_value() {
     let backend = backend("f1", 0);
     let lb = balancer_with_args(

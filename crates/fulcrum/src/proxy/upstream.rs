@@ -219,17 +219,25 @@ struct IdleConnection {
     idle_since: Instant,
 }
 
-/// The idle keep-alive connections to one backend: one queue per worker (see `workers.rs`),
-/// since a connection's task runs on the worker that opened it; reusing it from another
-/// worker would cost two cross-thread wake-ups per request.
+/// The keep-alive connections to one backend, per worker (see `workers.rs`): a queue of idle
+/// HTTP/1.1 connections and one shared HTTP/2 connection each, since a connection is driven
+/// on the worker that opened it; using it from another worker would cost two cross-thread
+/// wake-ups per request.
 pub struct ConnectionPool {
     address: SocketAddr,
     idle: Box<[ArrayQueue<IdleConnection>]>,
     stats: Arc<ConnectionStats>,
-    /// The shared HTTP/2 connection, and the transport (by address) it was made with.
-    h2: ArcSwapOption<(http2::SendRequest<RequestBody>, usize)>,
-    /// Held while a new HTTP/2 connection is being opened, so concurrent requests share it.
-    h2_connecting: tokio::sync::Mutex<()>,
+    /// Per worker: its HTTP/2 connection and the transport (by address) it was made with.
+    h2: Box<[H2Slot]>,
+}
+
+/// One worker's HTTP/2 connection to a backend.
+#[derive(Default)]
+struct H2Slot {
+    /// The connection its requests share, and the transport (by address) it was made with.
+    shared: ArcSwapOption<(http2::SendRequest<RequestBody>, usize)>,
+    /// Held while a new connection is being opened, so concurrent requests share it.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// Counters of one backend's upstream connections.
@@ -261,8 +269,7 @@ impl ConnectionPool {
             address,
             idle: (0..workers).map(|_| ArrayQueue::new(per_worker)).collect(),
             stats: Arc::default(),
-            h2: ArcSwapOption::empty(),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2: (0..workers).map(|_| H2Slot::default()).collect(),
         }
     }
 
@@ -280,6 +287,12 @@ impl ConnectionPool {
     fn idle_here(&self) -> &ArrayQueue<IdleConnection> {
         let worker = crate::workers::current_worker();
         &self.idle[worker.min(self.idle.len() - 1)]
+    }
+
+    /// The HTTP/2 slot of the worker running on this thread.
+    fn h2_here(&self) -> &H2Slot {
+        let worker = crate::workers::current_worker();
+        &self.h2[worker.min(self.h2.len() - 1)]
     }
 
     /// An idle connection if a live one is pooled (HTTP/1.1) or the shared connection
@@ -309,9 +322,9 @@ impl ConnectionPool {
         self.connect(settings).await
     }
 
-    /// The live shared HTTP/2 connection made with `transport`, if there is one.
+    /// This worker's live HTTP/2 connection made with `transport`, if there is one.
     fn shared_h2(&self, transport: usize) -> Option<http2::SendRequest<RequestBody>> {
-        let guard = self.h2.load();
+        let guard = self.h2_here().shared.load();
         let (sender, made_with) = guard.as_deref()?;
         (*made_with == transport && sender.is_ready()).then(|| sender.clone())
     }
@@ -329,7 +342,7 @@ impl ConnectionPool {
                 reused: true,
             });
         }
-        let _connecting = self.h2_connecting.lock().await;
+        let _connecting = self.h2_here().connecting.lock().await;
         if let Some(sender) = self.shared_h2(transport) {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(UpstreamConnection {
@@ -340,8 +353,8 @@ impl ConnectionPool {
         self.connect(settings).await
     }
 
-    /// Opens a new connection, bypassing the idle pool. A new HTTP/2 connection replaces the
-    /// shared one for the requests that follow.
+    /// Opens a new connection, bypassing the idle pool. A new HTTP/2 connection replaces this
+    /// worker's shared one for the requests that follow.
     pub async fn connect(
         &self,
         settings: &PoolSettings,
@@ -351,7 +364,9 @@ impl ConnectionPool {
         let connection = Box::pin(self.open(settings)).await?;
         if let UpstreamSender::Http2(sender, _) = &connection.sender {
             let transport = Arc::as_ptr(&settings.transport) as usize;
-            self.h2.store(Some(Arc::new((sender.clone(), transport))));
+            self.h2_here()
+                .shared
+                .store(Some(Arc::new((sender.clone(), transport))));
         }
         Ok(connection)
     }
@@ -370,13 +385,15 @@ impl ConnectionPool {
         })
     }
 
-    /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 one closes
-    /// once its streams finish), so the next requests connect the pool's new way.
+    /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 ones close
+    /// once their streams finish), so the next requests connect the pool's new way.
     pub fn clear(&self) {
         for queue in &self.idle {
             while queue.pop().is_some() {}
         }
-        self.h2.store(None);
+        for slot in &self.h2 {
+            slot.shared.store(None);
+        }
     }
 
     /// Returns a connection whose exchange completed, for reuse. Dropped (closed) if the pool
