@@ -1235,7 +1235,7 @@ def report(ctx, args, results, started_at):
                       f" ({r['held']} held) | {r['per_conn']:.2f} |")
     if results.get("scaling", {}).get("shapes"):
         sc = results["scaling"]
-        print("\n### (g) Fulcrum runtime shapes: round robin, 3 backends, wrk -c64\n")
+        print("\n### (h) Fulcrum runtime shapes: round robin, 3 backends, wrk -c64\n")
         print("| shape | balancer CPUs | req/s | CPU µs/req | CPUs busy |")
         print("|---|---|---|---|---|")
         for label, _, _, cpus in SHAPES:
