@@ -47,7 +47,7 @@ pub enum UpstreamProtocol {
     /// HTTP/1.1 with a pool of keep-alive connections per backend.
     #[default]
     Http1,
-    /// HTTP/2: requests multiplexed over one shared connection per backend (gRPC needs it).
+    /// HTTP/2: requests multiplexed over one connection per backend and worker (gRPC needs it).
     H2,
 }
 
