@@ -1,6 +1,7 @@
-//! End-to-end: pooled (idle) upstream connections that the backend closed meanwhile. Idle
-//! pooled connections are not watched, so the closure is only seen when the next request is
-//! sent; that request comes back unsent and must go out on a new connection.
+//! End-to-end: pooled (idle) upstream connections that the backend closed meanwhile. The
+//! pool's housekeeping polls connections idle for a second or more, so a closed one is
+//! dropped within about two seconds; one closed just before the next request is only seen
+//! when that request is sent, comes back unsent and must go out on a new connection.
 
 mod common;
 
@@ -42,6 +43,45 @@ async fn request_on_a_pooled_connection_the_backend_closed_goes_out_on_a_new_one
     }
     let logs = lb.logs();
     assert!(!logs.contains("backend failed before answering"), "{logs}");
+}
+
+/// Idle connections the backend closed do not linger (in CLOSE_WAIT) until traffic returns:
+/// the pool's housekeeping notices the end of stream and drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_the_backend_closed_are_dropped_without_traffic() {
+    let mut b = backend("b", 0);
+    let lb = balancer(&[(b.addr, 1)], "");
+    let client = client();
+    for _ in 0..4 {
+        let response = client
+            .get(format!("http://{}/", lb.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let open = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with("fulcrum_upstream_connections_open{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let before = open(&metrics_text(&lb).await);
+    assert!(before >= 1, "an idle pooled connection is open");
+
+    // The backend goes away, closing its end; no request follows.
+    b.kill();
+    let lb = &lb;
+    let dropped = eventually(std::time::Duration::from_secs(6), || async move {
+        open(&metrics_text(lb).await) == 0
+    })
+    .await;
+    let text = metrics_text(lb).await;
+    assert!(
+        dropped,
+        "closed idle connections still open: {}\n{text}",
+        open(&text)
+    );
 }
 
 /// The response timeout's timer is kept with the upstream connection and moved on lazily:

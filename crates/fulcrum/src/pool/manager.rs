@@ -21,6 +21,11 @@ use crate::health::{run_agent, run_checks, ActiveCheck};
 /// refills the retry budget.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Idle upstream connections are checked every this many housekeeping ticks...
+const SWEEP_IDLE_EVERY_TICKS: u64 = 4;
+/// ...that is every second; a connection used within the last second is not polled.
+const SWEEP_IDLE_INTERVAL: Duration = Duration::from_millis(250 * SWEEP_IDLE_EVERY_TICKS);
+
 /// The retry budget counts requests and retries over this many housekeeping ticks (10 s).
 const RETRY_WINDOW_TICKS: usize = 40;
 
@@ -168,6 +173,8 @@ pub struct PoolManager {
     settings: Arc<PoolSettings>,
     members: Vec<Backend>,
     retiring: Vec<Retiring>,
+    /// Housekeeping ticks so far.
+    ticks: u64,
     /// Backends and weights as the config file last listed them (reload rule: the file wins
     /// only for backends whose entry in the file changed).
     from_file: HashMap<SocketAddr, u32>,
@@ -236,6 +243,7 @@ impl PoolManager {
             settings: snapshot.settings.clone(),
             members: snapshot.backends.clone(),
             retiring: Vec::new(),
+            ticks: 0,
             from_file: file_backends(config),
             events,
             retry_window: std::collections::VecDeque::with_capacity(RETRY_WINDOW_TICKS + 1),
@@ -679,6 +687,18 @@ impl PoolManager {
         // Connections parked on this thread since: return their freed buffers to the OS.
         crate::memory::collect_if_parked();
         self.refill_retry_budget();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(SWEEP_IDLE_EVERY_TICKS) {
+            for backend in self
+                .members
+                .iter()
+                .chain(self.retiring.iter().map(|r| &r.backend))
+            {
+                backend
+                    .connections
+                    .sweep_idle(self.settings.idle_timeout, SWEEP_IDLE_INTERVAL);
+            }
+        }
         let now = Instant::now();
         let before = self.retiring.len();
         let events = self.events.clone();

@@ -6,8 +6,10 @@
 //! request's own task: together with the response future while the head is awaited
 //! ([`Driven::send`]), then before each read of the response body (see `ProxyBody`). Once the
 //! body has ended and the connection is idle and ready, sender and connection go back to the
-//! pool together. Idle pooled connections are not polled: a backend closing one is noticed
-//! at its next use, where the request comes back unsent and is retried on a new connection.
+//! pool together. Idle pooled connections are polled once a second by their pool's
+//! housekeeping ([`Driven::check_idle`]), so a backend closing one is noticed then; one it
+//! closes in between is noticed at its next use, where the request comes back unsent and is
+//! retried on a new connection.
 //! hyper's channels between sender, connection and body still wake "the other side", which
 //! is now the same task: a relay waker turns those wakes into an immediate re-poll instead of
 //! a reschedule of the whole client connection.
@@ -304,6 +306,19 @@ impl Driven {
     /// Whether the connection ended or is closing.
     pub fn is_closed(&self) -> bool {
         (self.engine.connection.is_none() && !self.detached) || self.sender.is_closed()
+    }
+
+    /// Polls an idle connection once, with no task to wake, so that a backend that closed
+    /// it is noticed now (the connection ends and can be dropped) rather than at its next use.
+    /// `false` when the connection ended.
+    pub fn check_idle(&mut self) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let (engine, sender) = (&mut self.engine, &mut self.sender);
+        let _ = engine.drive(&mut cx, true, |cx| sender.poll_ready(cx));
+        !self.is_closed()
     }
 
     /// Whether a request can be sent now (the previous exchange is complete).

@@ -385,6 +385,33 @@ impl ConnectionPool {
         })
     }
 
+    /// Drops the idle connections that were idle longer than `idle_timeout`, or that the
+    /// backend closed: those idle for at least `check_after` are polled once, so an end of
+    /// stream shows (recently used ones are left alone, so a busy pool costs nothing). Run by
+    /// the pool's housekeeping: without it a connection the backend closed would hold its
+    /// descriptor, in CLOSE_WAIT, until traffic came back to pop it.
+    pub fn sweep_idle(&self, idle_timeout: Duration, check_after: Duration) {
+        let now = Instant::now();
+        for queue in &self.idle {
+            for _ in 0..queue.len() {
+                let Some(mut idle) = queue.pop() else {
+                    break;
+                };
+                let idle_for = now.saturating_duration_since(idle.idle_since);
+                let alive = idle_for <= idle_timeout
+                    && (idle_for < check_after
+                        || match &mut idle.sender {
+                            UpstreamSender::Driven(driven) => driven.check_idle(),
+                            sender => !sender.is_closed(),
+                        });
+                if alive {
+                    // Full only if requests returned connections meanwhile: then it closes.
+                    let _ = queue.push(idle);
+                }
+            }
+        }
+    }
+
     /// Forgets every pooled connection (idle HTTP/1.1 ones close; the shared HTTP/2 ones close
     /// once their streams finish), so the next requests connect the pool's new way.
     pub fn clear(&self) {
