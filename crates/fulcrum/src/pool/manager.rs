@@ -22,9 +22,9 @@ use crate::health::{run_agent, run_checks, ActiveCheck};
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Idle upstream connections are checked every this many housekeeping ticks...
-const SWEEP_IDLE_EVERY_TICKS: u64 = 4;
+const SWEEP_IDLE_EVERY_TICKS: u32 = 4;
 /// ...that is every second; a connection used within the last second is not polled.
-const SWEEP_IDLE_INTERVAL: Duration = Duration::from_millis(250 * SWEEP_IDLE_EVERY_TICKS);
+const SWEEP_IDLE_INTERVAL: Duration = HOUSEKEEPING_INTERVAL.saturating_mul(SWEEP_IDLE_EVERY_TICKS);
 
 /// The retry budget counts requests and retries over this many housekeeping ticks (10 s).
 const RETRY_WINDOW_TICKS: usize = 40;
@@ -688,7 +688,7 @@ impl PoolManager {
         crate::memory::collect_if_parked();
         self.refill_retry_budget();
         self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks.is_multiple_of(SWEEP_IDLE_EVERY_TICKS) {
+        if self.ticks.is_multiple_of(u64::from(SWEEP_IDLE_EVERY_TICKS)) {
             for backend in self
                 .members
                 .iter()
