@@ -1,26 +1,43 @@
-//! Fulcrum: a fast, load-aware HTTP load balancer.
+//! Fulcrum: a fast, load-aware HTTP and TCP load balancer.
 //!
-//! The binary (`src/main.rs`) is a thin command line over this library: [`config`] reads and
-//! validates the TOML file, [`server`] binds listeners and serves them with the [`proxy`],
-//! which picks backends from a [`pool`] snapshot through `fulcrum-balance`.
+//! The crate is built in layers; each imports only from the layers above it in this list
+//! (`tests/layers.rs` fails otherwise), and the binary (`src/main.rs`) sits on top:
+//!
+//! 1. [`runtime`]: clock, ticker, worker threads, memory, allocator, the events log.
+//! 2. [`config`]: the TOML schema, validation (`file:line:column`), certificate files.
+//! 3. [`wire`]: byte formats — the PROXY protocol, the agent-check line.
+//! 4. [`upstream`]: reaching backends — transport, dial, connection pool, driven connections.
+//! 5. [`pool`]: backend state, the pool snapshot and selector, the pool's commands.
+//! 6. [`health`], [`discovery`]: active and agent checks; DNS discovery.
+//! 7. [`manager`], [`autoscale`]: the pool manager task; the autoscaler.
+//! 8. [`proxy`]: the data path — HTTP forwarding, failover, upgrades, TCP sessions.
+//! 9. [`listener`]: bind, accept, limits, connection slots, serving and parking connections.
+//! 10. [`server`]: start, reload, shutdown.
+//! 11. [`control`]: the admin API and the metrics.
+//! 12. [`cli`]: `ctl`, `demo`, the demo backend, the agent.
 
-pub mod admin;
-pub mod agent;
-pub mod allocator;
-pub mod autoscale;
-pub mod backend;
-pub mod clock;
+pub mod runtime;
+
 pub mod config;
-pub mod ctl;
-pub mod demo;
-pub mod discovery;
-pub mod events;
-pub mod health;
-pub mod memory;
-pub mod metrics;
+
+pub mod wire;
+
+pub mod upstream;
+
 pub mod pool;
+
+pub mod discovery;
+pub mod health;
+
+pub mod autoscale;
+pub mod manager;
+
 pub mod proxy;
+
+pub mod listener;
+
 pub mod server;
-pub mod tick;
-pub mod tls;
-pub mod workers;
+
+pub mod control;
+
+pub mod cli;

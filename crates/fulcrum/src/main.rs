@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use fulcrum::backend::{spawn_backend, spawn_tcp_echo, BackendOptions};
+use fulcrum::cli::demo_backend::{spawn_backend, spawn_tcp_echo, BackendOptions};
 use fulcrum::config::{Config, LogFormat, RuntimeShape};
 use fulcrum::server::Server;
 
@@ -87,16 +87,16 @@ enum Command {
         tls_key: Option<PathBuf>,
     },
     /// Control a running balancer through its admin API (pools, backends, reload, events).
-    Ctl(fulcrum::ctl::CtlArgs),
+    Ctl(fulcrum::cli::ctl::CtlArgs),
     /// Run the backend agent: report this host's load in HAProxy's agent-check protocol
     /// (and as JSON on HTTP `GET /status`).
-    Agent(fulcrum::agent::AgentArgs),
+    Agent(fulcrum::cli::agent::AgentArgs),
 }
 
-/// mimalloc instead of the system allocator: see the README's Performance section for the
+/// mimalloc instead of the system allocator: see bench/RESULTS.md for the
 /// measured difference in CPU per request and in idle-connection memory.
 #[global_allocator]
-static ALLOCATOR: fulcrum::allocator::MiMalloc = fulcrum::allocator::MiMalloc;
+static ALLOCATOR: fulcrum::runtime::allocator::MiMalloc = fulcrum::runtime::allocator::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -115,7 +115,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         LogFormatArg::Json => LogFormat::Json,
     });
     match cli.command {
-        Command::Ctl(args) => Ok(fulcrum::ctl::main(args)),
+        Command::Ctl(args) => Ok(fulcrum::cli::ctl::main(args)),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -156,9 +156,9 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             init_logging(cli_format.unwrap_or_default());
             main_runtime(&Default::default())?.block_on(async move {
                 let config = if autoscale {
-                    fulcrum::demo::autoscaled_demo(listen, backends.max(4))?
+                    fulcrum::cli::demo::autoscaled_demo(listen, backends.max(4))?
                 } else {
-                    fulcrum::demo::start_demo_backends(listen, backends).await?
+                    fulcrum::cli::demo::start_demo_backends(listen, backends).await?
                 };
                 run_until_signal(config, None, None).await
             })?;
@@ -211,7 +211,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             init_logging(cli_format.unwrap_or_default());
             runtime(1)?.block_on(async move {
                 let stop = stop_signal();
-                let addresses = fulcrum::agent::start(&args).await?;
+                let addresses = fulcrum::cli::agent::start(&args).await?;
                 println!("listening agent tcp://{}", addresses.agent);
                 if let Some(http) = addresses.http {
                     println!("listening agent-http http://{http}");
@@ -226,7 +226,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
 
 /// The runtime `fulcrum run` starts on. With `runtime = "per_core"` (the default) it is a
 /// single-threaded runtime: it serves the listeners itself when there is one worker, and
-/// otherwise runs only the control plane while [`fulcrum::workers`] threads serve the
+/// otherwise runs only the control plane while [`fulcrum::runtime::workers`] threads serve the
 /// listeners. With `runtime = "work_stealing"` it is a multi-threaded runtime with one thread
 /// per worker that does everything.
 fn main_runtime(server: &fulcrum::config::ServerConfig) -> Result<tokio::runtime::Runtime> {
@@ -264,7 +264,7 @@ async fn run_until_signal(
     let server = Server::start(config, path.map(Path::to_path_buf), workers_override).await?;
     reload_on_sighup(server.clone());
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_address = fulcrum::admin::start(
+    let admin_address = fulcrum::control::admin::start(
         admin.listen.get_ref().0,
         admin.token,
         server.clone(),

@@ -157,7 +157,7 @@ async fn shutdown_closes_parked_connections_at_once() {
 
 #[tokio::test]
 async fn connection_behind_a_proxy_protocol_header_parks_too() {
-    use fulcrum::proxy::proxy_protocol::encode_v1;
+    use fulcrum::wire::proxy_protocol::encode_v1;
     let backend = backend("app", 0);
     let lb = balancer_with(
         &config(

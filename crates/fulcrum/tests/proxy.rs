@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fulcrum::backend::{pattern_byte, Fnv1a};
+use fulcrum::cli::demo_backend::{pattern_byte, Fnv1a};
 
 fn assert_share(
     counts: &std::collections::HashMap<String, usize>,

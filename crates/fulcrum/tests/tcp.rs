@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fulcrum::proxy::proxy_protocol::{encode_v1, encode_v2};
+use fulcrum::wire::proxy_protocol::{encode_v1, encode_v2};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

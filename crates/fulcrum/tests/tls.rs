@@ -72,11 +72,12 @@ fn trusting(ca_pem: &str) -> rustls::ClientConfig {
     for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(fulcrum::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(fulcrum::config::certs::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config
 }
@@ -107,7 +108,7 @@ fn peer_cert(response: &reqwest::Response) -> Vec<u8> {
 /// Opens a TLS connection with `server_name` as SNI (none for an IP) accepting any
 /// certificate, and returns the certificate the server presented.
 async fn presented_cert(addr: SocketAddr, server_name: &str) -> Vec<u8> {
-    let config = fulcrum::tls::client_config(None, false, b"http/1.1").unwrap();
+    let config = fulcrum::upstream::tls::client_config(None, false, b"http/1.1").unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
@@ -180,11 +181,12 @@ async fn sni_selects_the_certificate_of_each_host_name() {
         roots
             .add(rustls_pki_types::pem::PemObject::from_pem_slice(ca.pem().as_bytes()).unwrap())
             .unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(fulcrum::tls::provider())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config =
+            rustls::ClientConfig::builder_with_provider(fulcrum::config::certs::provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
         let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
         let tls = connector
@@ -662,7 +664,7 @@ async fn idle_https_clients_are_kept_until_keep_alive_timeout() {
 
     // TLS after a PROXY protocol header, idle past header_read_timeout too.
     let front: SocketAddr = "203.0.113.9:4242".parse().unwrap();
-    let header = fulcrum::proxy::proxy_protocol::encode_v1(front, lb.listeners["proxied"]);
+    let header = fulcrum::wire::proxy_protocol::encode_v1(front, lb.listeners["proxied"]);
     let mut proxied = http1_over_tls(&ca.pem(), lb.listeners["proxied"], header.as_bytes()).await;
     get_ok(&mut proxied).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -17,10 +17,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{AutoscaleConfig, AutoscaleMetric, AutoscaleProvider, HealthConfig};
-use crate::events::EventLog;
 use crate::health::active::ActiveCheck;
 use crate::health::HealthCheck;
 use crate::pool::PoolHandle;
+use crate::runtime::events::EventLog;
 use decider::{Decider, DeciderSettings, Decision};
 use provider::{parse_addresses, run_command, BackendProcess};
 

@@ -2,6 +2,7 @@
 //! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
 
 mod autoscale;
+pub mod certs;
 mod health;
 mod tls;
 mod types;
@@ -455,7 +456,7 @@ impl Config {
                     }
                     for cert in &tls.certs {
                         let c = cert.get_ref();
-                        crate::tls::load_certified_key(&c.cert, &c.key)
+                        crate::config::certs::load_certified_key(&c.cert, &c.key)
                             .map_err(|e| (cert.span(), format!("listener `{name}`: {e}")))?;
                     }
                 }
@@ -473,7 +474,7 @@ impl Config {
                 if !pool.tls {
                     return Err((ca.span(), format!("pool `{name}`: `ca` needs `tls = true`")));
                 }
-                crate::tls::load_roots(ca.get_ref())
+                crate::config::certs::load_roots(ca.get_ref())
                     .map_err(|e| (ca.span(), format!("pool `{name}`: {e}")))?;
             }
             if let Some(sni) = &pool.sni {

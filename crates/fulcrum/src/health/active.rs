@@ -17,9 +17,9 @@ use super::HealthCheck;
 use crate::config::{
     HealthConfig, HealthKind, ProxyProtocolVersion, StatusRange, UpstreamProtocol,
 };
-use crate::proxy::body::RequestBody;
-use crate::proxy::proxy_protocol::encode_local;
-use crate::proxy::upstream::{dial, ConnectError, UpstreamSender, UpstreamTransport};
+use crate::upstream::body::RequestBody;
+use crate::upstream::{dial, ConnectError, UpstreamSender, UpstreamTransport};
+use crate::wire::proxy_protocol::encode_local;
 
 /// Most of a health-check response body that is read to look for `expect_body`.
 const MAX_CHECK_BODY: usize = 64 * 1024;

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use fulcrum_balance::splitmix64;
 
-use crate::clock::now_ns;
-use crate::events::EventLog;
 use crate::pool::Backend;
+use crate::runtime::clock::now_ns;
+use crate::runtime::events::EventLog;
 
 pub use active::{ActiveCheck, CheckError};
 pub use agent::run_agent;

@@ -9,9 +9,8 @@ use std::time::Duration;
 use fulcrum_balance::{slow_start_percent, Candidate, PeakEwma};
 use serde::{Deserialize, Serialize};
 
-use crate::clock::now_ns;
-use crate::proxy::tcp::SessionStats;
-use crate::proxy::upstream::ConnectionPool;
+use crate::runtime::clock::now_ns;
+use crate::upstream::ConnectionPool;
 
 /// Live numbers and flags of one backend. Updated with atomics from the data path and the
 /// control plane; never locked.
@@ -602,6 +601,17 @@ impl Drop for InFlightGuard {
             pool.load_changed(&self.backend);
         }
     }
+}
+
+/// Counters of one backend's TCP sessions and upgraded connections.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Sessions opened since start.
+    pub opened: AtomicU64,
+    /// Bytes received from clients and sent to this backend.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes received from this backend and sent to clients.
+    pub bytes_to_client: AtomicU64,
 }
 
 #[cfg(test)]

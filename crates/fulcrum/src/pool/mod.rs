@@ -3,7 +3,8 @@
 //! that is the only writer of it.
 
 mod backend;
-mod manager;
+mod command;
+pub mod histogram;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,11 +16,11 @@ use serde::Serialize;
 
 use backend::NO_SLOT;
 pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
-pub use manager::{PoolCommand, PoolError, PoolHandle, PoolManager};
+pub use command::{PoolCommand, PoolError, PoolHandle};
 
 use crate::config::{HashKey, PoolConfig};
-use crate::metrics::histogram::LatencyHistogram;
-use crate::proxy::upstream::UpstreamTransport;
+use crate::pool::histogram::LatencyHistogram;
+use crate::upstream::{ConnectSettings, UpstreamTransport};
 
 /// The statuses Fulcrum answers with itself when a backend cannot.
 const LOCAL_ERROR_STATUSES: [u16; 3] = [502, 503, 504];
@@ -94,6 +95,20 @@ impl PoolSettings {
             bounded_load: config.bounded_load.as_ref().map(|b| *b.get_ref()),
             transport: Arc::new(UpstreamTransport::from_config(config)),
         }
+    }
+}
+
+impl ConnectSettings for PoolSettings {
+    fn transport(&self) -> &Arc<UpstreamTransport> {
+        &self.transport
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 }
 
@@ -380,7 +395,7 @@ impl BackendStatus {
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
             slow_start_percent: backend.ramp_percent(),
-            latency_ewma_ms: match backend.latency.estimate(crate::clock::now_ns()) {
+            latency_ewma_ms: match backend.latency.estimate(crate::runtime::clock::now_ns()) {
                 0 => None,
                 ns => Some(ns as f64 / 1e6),
             },
@@ -402,7 +417,10 @@ impl BackendStatus {
             failures: backend.failure_count(),
             removing,
             latency_ms: {
-                let ns = fulcrum_balance::Candidate::latency_ns(backend, crate::clock::now_ns());
+                let ns = fulcrum_balance::Candidate::latency_ns(
+                    backend,
+                    crate::runtime::clock::now_ns(),
+                );
                 (ns > 0).then(|| ns as f64 / 1e6)
             },
         }

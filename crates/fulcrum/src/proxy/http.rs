@@ -15,15 +15,16 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
-use crate::clock::now_ns;
 use crate::config::HashKey;
-use crate::events::EventLog;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
-use crate::proxy::body::{BodyWatch, ProxyBody, RequestBody, UpstreamBody};
-use crate::proxy::driven::TimedOut;
+use crate::proxy::body::{ProxyBody, UpstreamBody};
 use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop};
-use crate::proxy::upstream::{UpstreamConnection, UpstreamSender};
+use crate::runtime::clock::now_ns;
+use crate::runtime::events::EventLog;
+use crate::upstream::body::{BodyWatch, RequestBody};
+use crate::upstream::driven::TimedOut;
+use crate::upstream::{UpstreamConnection, UpstreamSender};
 
 /// Most backends one request can be tried on, whatever the config says (bounds the stack
 /// array of tried indexes).
@@ -279,7 +280,7 @@ impl HttpProxy {
         let start = bounded(next_random(), snapshot.backends.len());
         for step in 0..snapshot.backends.len().min(MAX_ATTEMPTS_CAP) {
             let backend = &snapshot.backends[(start + step) % snapshot.backends.len()];
-            let Ok(connection) = backend.connections.acquire(&snapshot.settings).await else {
+            let Ok(connection) = backend.connections.acquire(&*snapshot.settings).await else {
                 continue;
             };
             match self.exchange(snapshot, backend, connection, request).await {

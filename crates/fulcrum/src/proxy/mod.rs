@@ -1,14 +1,11 @@
-//! The data path: HTTP proxying (hyper), upstream connection pools, response bodies, TCP
-//! (L4) forwarding, HTTP upgrades (WebSocket) and the PROXY protocol.
+//! Layer 8, proxy: the data path — HTTP forwarding with failover (hyper), HTTP upgrades
+//! (WebSocket), TCP (L4) sessions, header rewriting, the response body and the access log.
 
 pub mod access_log;
 pub mod body;
-pub mod driven;
 pub mod headers;
 pub mod http;
-pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tcp;
 pub mod upgrade;
-pub mod upstream;

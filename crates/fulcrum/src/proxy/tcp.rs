@@ -9,20 +9,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use fulcrum_balance::{splitmix64, PickContext};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpStream;
 
 use crate::config::ListenerConfig;
 use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::http::HttpProxy;
-use crate::proxy::proxy_protocol;
-use crate::server::{AcceptSettings, ListenerStats};
+use crate::wire::proxy_protocol;
 
 /// Copy buffer per direction. 64 KiB moves bulk data in few syscalls (the 8 KiB default costs
 /// measurably more CPU per byte) while keeping a session at 128 KiB of buffers.
@@ -33,17 +30,6 @@ const SESSION_TICK: Duration = Duration::from_secs(1);
 
 /// Most backends one connection is tried on (bounds the stack array of tried indexes).
 const MAX_ATTEMPTS_CAP: usize = 8;
-
-/// Counters of one backend's TCP sessions and upgraded connections.
-#[derive(Debug, Default)]
-pub struct SessionStats {
-    /// Sessions opened since start.
-    pub opened: AtomicU64,
-    /// Bytes received from clients and sent to this backend.
-    pub bytes_to_backend: AtomicU64,
-    /// Bytes received from this backend and sent to clients.
-    pub bytes_to_client: AtomicU64,
-}
 
 /// Why a relayed session ended.
 #[derive(Debug)]
@@ -193,7 +179,7 @@ async fn supervise(
     let tick = SESSION_TICK
         .min(idle_timeout)
         .max(Duration::from_millis(10));
-    let mut ticks = crate::tick::Ticker::new(tick);
+    let mut ticks = crate::runtime::tick::Ticker::new(tick);
     let mut last_total = 0;
     let mut last_change = Instant::now();
     loop {
@@ -270,7 +256,7 @@ impl TcpProxy {
         for attempt in 0..attempts {
             let ctx = PickContext {
                 key_hash,
-                random: splitmix64(key_hash ^ crate::clock::now_ns()),
+                random: splitmix64(key_hash ^ crate::runtime::clock::now_ns()),
                 now_ns: 0,
                 excluded: &tried[..attempt],
             };
@@ -311,14 +297,16 @@ impl TcpProxy {
     }
 
     /// Serves one client connection to its end.
-    async fn session(&self, mut stream: TcpStream, mut client: SocketAddr) {
+    pub(crate) async fn session(&self, mut stream: TcpStream, mut client: SocketAddr) {
         let started = Instant::now();
         let mut local = match stream.local_addr() {
             Ok(local) => local,
             Err(_) => return,
         };
         if self.accept_proxy_protocol {
-            match read_proxy_header(&mut stream, self.header_read_timeout, client).await {
+            match proxy_protocol::read_header_within(&mut stream, self.header_read_timeout, client)
+                .await
+            {
                 Some(Some(carried)) => {
                     client = carried.source;
                     local = carried.destination;
@@ -386,89 +374,6 @@ impl TcpProxy {
                 "tcp session"
             );
         }
-    }
-}
-
-/// Reads the PROXY header a front load balancer sends, within `timeout`. `None` when the
-/// connection must be closed (logged); `Some(None)` when the header carries no address.
-pub async fn read_proxy_header(
-    stream: &mut TcpStream,
-    timeout: Duration,
-    peer: SocketAddr,
-) -> Option<Option<proxy_protocol::ProxiedAddresses>> {
-    match tokio::time::timeout(timeout, proxy_protocol::read_header(stream)).await {
-        Ok(Ok(carried)) => Some(carried),
-        Ok(Err(error)) => {
-            tracing::warn!(%peer, %error, "closing connection: bad PROXY protocol header");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(%peer, ?timeout, "closing connection: no PROXY protocol header in time");
-            None
-        }
-    }
-}
-
-/// Accepts and forwards the connections of one TCP listener until told to stop, then lets
-/// open sessions finish for up to `shutdown_timeout` and closes the rest.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    proxy: Arc<TcpProxy>,
-    max_connections: usize,
-    accept_settings: AcceptSettings,
-) {
-    let AcceptSettings {
-        limit,
-        mut stop,
-        shutdown_timeout,
-        stats,
-    } = accept_settings;
-    let mut sessions = JoinSet::new();
-    loop {
-        let (stream, client) = tokio::select! {
-            accepted = crate::server::accept(&listener) => accepted,
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-            _ = stop.changed() => break,
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%client, max_connections, "connection limit reached; closing new connection");
-            drop(stream);
-            continue;
-        };
-        stats.note_accepted();
-        let open = OpenConnection::new(stats.clone());
-        let proxy = proxy.clone();
-        sessions.spawn(async move {
-            proxy.session(stream, client).await;
-            drop((permit, open));
-        });
-    }
-    drop(listener);
-    let drained = tokio::time::timeout(shutdown_timeout, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(timeout = ?shutdown_timeout, open = sessions.len(), "shutdown timeout reached; closing remaining TCP sessions");
-        sessions.abort_all();
-        while sessions.join_next().await.is_some() {}
-    }
-}
-
-/// Counts one open client connection on its listener while it lives (also when aborted).
-struct OpenConnection(Arc<ListenerStats>);
-
-impl OpenConnection {
-    fn new(stats: Arc<ListenerStats>) -> Self {
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(stats)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -24,27 +24,19 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
 use crate::pool::{Backend, PoolSnapshot};
-use crate::proxy::body::{BodyWatch, ProxyBody, RequestBody, UpstreamBody};
+use crate::proxy::body::{ProxyBody, UpstreamBody};
 use crate::proxy::headers::remove_hop_by_hop;
 use crate::proxy::http::{local_response, prepare_request, HttpProxy};
 use crate::proxy::tcp::relay;
-use crate::server::ConnectionSlot;
+use crate::upstream::body::{BodyWatch, RequestBody};
 
 /// Most backends one upgrade request is tried on (connect failures).
 const MAX_ATTEMPTS_CAP: usize = 8;
 
 /// The client connection's place on its listener (connection limit, open count), put in an
-/// upgrade request's extensions by the server so the tunnel holds it for its whole life.
+/// upgrade request's extensions by the listener so the tunnel holds it for its whole life.
 #[derive(Clone)]
 pub struct ClientSlot(pub Arc<dyn std::any::Any + Send + Sync>);
-
-/// Gives an upgrade request its client connection's slot (the tunnel outlives hyper's
-/// connection, so it must keep the connection counted); other requests are left alone.
-pub(crate) fn attach_client_slot<B>(request: &mut Request<B>, slot: &Arc<ConnectionSlot>) {
-    if is_upgrade(request) {
-        request.extensions_mut().insert(ClientSlot(slot.clone()));
-    }
-}
 
 /// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an
 /// `Upgrade` header).
@@ -157,7 +149,7 @@ impl HttpProxy {
         for attempt in 0..attempts {
             let ctx = PickContext {
                 key_hash: 0,
-                random: crate::clock::now_ns(),
+                random: crate::runtime::clock::now_ns(),
                 now_ns: 0,
                 excluded: &tried[..attempt],
             };
@@ -213,7 +205,7 @@ impl HttpProxy {
                 let mut response = response.map(|body| {
                     ProxyBody::Upstream(UpstreamBody::new(
                         body,
-                        crate::proxy::upstream::UpstreamSender::Http1(sender),
+                        crate::upstream::UpstreamSender::Http1(sender),
                         guard,
                     ))
                 });

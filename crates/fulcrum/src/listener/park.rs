@@ -48,9 +48,9 @@ use tokio_rustls::server::TlsStream;
 
 use super::{client_service, ConnectionSlot};
 use crate::config::ListenerConfig;
-use crate::proxy::body::{BodyWatch, BodyWatcher};
+use crate::listener::tls::TlsListener;
 use crate::proxy::http::HttpProxy;
-use crate::tls::TlsListener;
+use crate::upstream::body::{BodyWatch, BodyWatcher};
 
 /// What an HTTP/2 client with prior knowledge sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -302,7 +302,7 @@ async fn serve_http1<S: ParkStream>(
         // Parked: in the lot (plain TCP on Linux: this task ends), or here, holding only the
         // stream until the client sends again.
         tracing::trace!(client = %ctx.client, "idle connection parked");
-        crate::memory::connection_parked();
+        crate::runtime::memory::connection_parked();
         (stream, ctx) = match stream.into_lot(settings, ctx) {
             Ok(()) => return,
             Err(back) => back,
@@ -412,7 +412,7 @@ async fn serve_round<S: ParkStream>(
         .http1
         .serve_connection(TokioIo::new(io), service(ctx.clone()))
         .with_upgrades();
-    let mut ticks = crate::tick::Ticker::new(settings.tick);
+    let mut ticks = crate::runtime::tick::Ticker::new(settings.tick);
     let mut draining = false;
     let mut parking = false;
     let result = loop {
@@ -577,7 +577,7 @@ fn service(
 > + Send
        + 'static {
     service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        crate::proxy::upgrade::attach_client_slot(&mut request, &ctx.slot);
+        super::attach_client_slot(&mut request, &ctx.slot);
         let ctx = ctx.clone();
         let watch = ctx.start_request(request.body());
         async move {

@@ -366,7 +366,7 @@ async fn check_loop(command: String, shared: Arc<Shared>, interval: Duration, ti
 /// Answers every agent-check connection with the current line, then closes it.
 async fn serve_agent(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (mut stream, peer) = crate::server::accept(&listener).await;
+        let (mut stream, peer) = crate::listener::accept(&listener).await;
         let line = shared.current().1.line();
         tokio::spawn(async move {
             let write = async {

@@ -93,7 +93,7 @@ impl Workers {
                         loop {
                             tokio::select! {
                                 _ = &mut stopped => break,
-                                _ = tick.tick() => crate::memory::collect_if_parked(),
+                                _ = tick.tick() => crate::runtime::memory::collect_if_parked(),
                             }
                         }
                     });

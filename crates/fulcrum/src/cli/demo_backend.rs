@@ -47,7 +47,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::proxy::proxy_protocol::read_header;
+use crate::wire::proxy_protocol::read_header;
 
 /// Header naming the backend that answered.
 pub static X_BACKEND: HeaderName = HeaderName::from_static("x-backend");
@@ -100,7 +100,7 @@ pub async fn spawn_tcp_echo(listen: SocketAddr, proxy_protocol: bool) -> Result<
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let (mut stream, peer) = crate::server::accept(&listener).await;
+            let (mut stream, peer) = crate::listener::accept(&listener).await;
             tokio::spawn(async move {
                 if proxy_protocol && proxied_client(&mut stream, peer).await.is_none() {
                     return;
@@ -158,9 +158,10 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
                 )],
                 handshake_timeout: crate::config::ConfigDuration(Duration::from_secs(10)),
             };
-            let store = crate::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
+            let store =
+                crate::listener::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
             Some(
-                crate::tls::TlsListener::new("backend", &config, store, None)
+                crate::listener::tls::TlsListener::new("backend", &config, store, None)
                     .map_err(anyhow::Error::msg)?,
             )
         }
@@ -195,11 +196,11 @@ struct BackendServer {
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<BackendServer>,
-    tls: Option<Arc<crate::tls::TlsListener>>,
+    tls: Option<Arc<crate::listener::tls::TlsListener>>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let (mut stream, peer) = crate::server::accept(&listener).await;
+        let (mut stream, peer) = crate::listener::accept(&listener).await;
         let _ = stream.set_nodelay(true);
         state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();

@@ -35,8 +35,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, TrySendError};
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::body::RequestBody;
-use crate::proxy::upstream::{ConnectionStats, UpstreamSender};
+use crate::upstream::body::RequestBody;
+use crate::upstream::{ConnectionStats, UpstreamSender};
 
 /// A hyper connection future, made to log its error and keep its backend's `open` counter
 /// while it lives; run either by [`Driven`] or in a task of its own.
@@ -263,14 +263,14 @@ impl Driven {
     }
 
     /// [`send`](Self::send), failing with [`TimedOut`] when the response head is not in
-    /// `timeout` after `sent_ns` (a [`crate::clock::now_ns`] reading).
+    /// `timeout` after `sent_ns` (a [`crate::runtime::clock::now_ns`] reading).
     pub async fn send_within(
         &mut self,
         request: Request<RequestBody>,
         timeout: Duration,
         sent_ns: u64,
     ) -> Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, TimedOut> {
-        let deadline = Instant::from_std(crate::clock::instant_at(sent_ns)) + timeout;
+        let deadline = Instant::from_std(crate::runtime::clock::instant_at(sent_ns)) + timeout;
         self.send_until(request, Some(deadline)).await
     }
 

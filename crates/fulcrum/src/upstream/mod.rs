@@ -1,6 +1,10 @@
-//! Connections to one backend: a lock-free queue of idle HTTP/1.1 connections, or one shared
+//! Layer 4, upstream: reaching backends. Connections to one backend: a lock-free queue of idle HTTP/1.1 connections, or one shared
 //! multiplexed HTTP/2 connection, and the connect path (TCP connect with timeout,
 //! TCP_NODELAY, TLS when the pool asks for it, hyper handshake).
+
+pub mod body;
+pub mod driven;
+pub mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -21,9 +25,19 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::config::{PoolConfig, UpstreamProtocol};
-use crate::pool::PoolSettings;
-use crate::proxy::body::RequestBody;
-use crate::proxy::driven::{self, Driven};
+use crate::upstream::body::RequestBody;
+use driven::Driven;
+
+/// What connecting to a backend needs from its pool's settings (implemented by the pool's
+/// settings, so the data path passes what it already holds).
+pub trait ConnectSettings {
+    /// How backends are connected to.
+    fn transport(&self) -> &Arc<UpstreamTransport>;
+    /// TCP connect timeout.
+    fn connect_timeout(&self) -> Duration;
+    /// Idle connections older than this are not reused.
+    fn idle_timeout(&self) -> Duration;
+}
 
 /// An HTTP/1.1 connection handle.
 type SendRequest<B> = http1::SendRequest<B>;
@@ -101,10 +115,11 @@ impl UpstreamTransport {
                     "upstream TLS with verify = false: backend certificates are not checked"
                 );
             }
-            let client = crate::tls::client_config(ca, config.verify, alpn).map_err(|e| {
-                tracing::error!(error = %e, "upstream TLS settings cannot be loaded");
-                Arc::<str>::from(e)
-            })?;
+            let client =
+                crate::upstream::tls::client_config(ca, config.verify, alpn).map_err(|e| {
+                    tracing::error!(error = %e, "upstream TLS settings cannot be loaded");
+                    Arc::<str>::from(e)
+                })?;
             let sni = config
                 .sni
                 .as_ref()
@@ -263,7 +278,7 @@ impl fmt::Debug for ConnectionPool {
 impl ConnectionPool {
     /// An empty pool for the backend at `address`.
     pub fn new(address: SocketAddr) -> Self {
-        let workers = crate::workers::worker_slots();
+        let workers = crate::runtime::workers::worker_slots();
         let per_worker = (MAX_IDLE_PER_BACKEND / workers).max(MIN_IDLE_PER_WORKER);
         ConnectionPool {
             address,
@@ -285,26 +300,26 @@ impl ConnectionPool {
 
     /// The idle queue of the worker running on this thread.
     fn idle_here(&self) -> &ArrayQueue<IdleConnection> {
-        let worker = crate::workers::current_worker();
+        let worker = crate::runtime::workers::current_worker();
         &self.idle[worker.min(self.idle.len() - 1)]
     }
 
     /// The HTTP/2 slot of the worker running on this thread.
     fn h2_here(&self) -> &H2Slot {
-        let worker = crate::workers::current_worker();
+        let worker = crate::runtime::workers::current_worker();
         &self.h2[worker.min(self.h2.len() - 1)]
     }
 
     /// An idle connection if a live one is pooled (HTTP/1.1) or the shared connection
     /// (HTTP/2), else a new one.
-    pub async fn acquire(
+    pub async fn acquire<S: ConnectSettings>(
         &self,
-        settings: &PoolSettings,
+        settings: &S,
     ) -> Result<UpstreamConnection, ConnectError> {
-        if settings.transport.protocol == UpstreamProtocol::H2 {
+        if settings.transport().protocol == UpstreamProtocol::H2 {
             return self.acquire_h2(settings).await;
         }
-        let idle_timeout = settings.idle_timeout;
+        let idle_timeout = settings.idle_timeout();
         let queue = self.idle_here();
         while let Some(mut idle) = queue.pop() {
             if idle.sender.is_closed() || idle.idle_since.elapsed() > idle_timeout {
@@ -329,12 +344,12 @@ impl ConnectionPool {
         (*made_with == transport && sender.is_ready()).then(|| sender.clone())
     }
 
-    async fn acquire_h2(
+    async fn acquire_h2<S: ConnectSettings>(
         &self,
-        settings: &PoolSettings,
+        settings: &S,
     ) -> Result<UpstreamConnection, ConnectError> {
-        let transport = Arc::as_ptr(&settings.transport) as usize;
-        let tls = settings.transport.tls.is_some();
+        let transport = Arc::as_ptr(settings.transport()) as usize;
+        let tls = settings.transport().tls.is_some();
         if let Some(sender) = self.shared_h2(transport) {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
             return Ok(UpstreamConnection {
@@ -355,15 +370,15 @@ impl ConnectionPool {
 
     /// Opens a new connection, bypassing the idle pool. A new HTTP/2 connection replaces this
     /// worker's shared one for the requests that follow.
-    pub async fn connect(
+    pub async fn connect<S: ConnectSettings>(
         &self,
-        settings: &PoolSettings,
+        settings: &S,
     ) -> Result<UpstreamConnection, ConnectError> {
         // Boxed: connecting (TCP, TLS handshake, HTTP handshake) is rare with pooling, and its
         // large state would otherwise be reserved inside every request's future.
         let connection = Box::pin(self.open(settings)).await?;
         if let UpstreamSender::Http2(sender, _) = &connection.sender {
-            let transport = Arc::as_ptr(&settings.transport) as usize;
+            let transport = Arc::as_ptr(settings.transport()) as usize;
             self.h2_here()
                 .shared
                 .store(Some(Arc::new((sender.clone(), transport))));
@@ -371,11 +386,14 @@ impl ConnectionPool {
         Ok(connection)
     }
 
-    async fn open(&self, settings: &PoolSettings) -> Result<UpstreamConnection, ConnectError> {
+    async fn open<S: ConnectSettings>(
+        &self,
+        settings: &S,
+    ) -> Result<UpstreamConnection, ConnectError> {
         let sender = dial(
             self.address,
-            &settings.transport,
-            settings.connect_timeout,
+            settings.transport(),
+            settings.connect_timeout(),
             Some(&self.stats),
         )
         .await?;

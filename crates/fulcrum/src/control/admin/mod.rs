@@ -231,7 +231,7 @@ async fn events(
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
-    let text = crate::metrics::render(&crate::metrics::registry(&server));
+    let text = crate::control::metrics::render(&crate::control::metrics::registry(&server));
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -2,8 +2,6 @@
 //! listeners); a [`Collector`] reads them at scrape time, so the data path never touches a
 //! metrics registry or a lock.
 
-pub mod histogram;
-
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 

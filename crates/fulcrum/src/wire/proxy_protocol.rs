@@ -260,6 +260,26 @@ fn parse_v1(line: &[u8]) -> Result<Option<ProxiedAddresses>, ProxyHeaderError> {
     }
 }
 
+/// Reads the PROXY header a front load balancer sends, within `timeout`. `None` when the
+/// connection must be closed (logged); `Some(None)` when the header carries no address.
+pub async fn read_header_within(
+    stream: &mut tokio::net::TcpStream,
+    timeout: std::time::Duration,
+    peer: std::net::SocketAddr,
+) -> Option<Option<ProxiedAddresses>> {
+    match tokio::time::timeout(timeout, read_header(stream)).await {
+        Ok(Ok(carried)) => Some(carried),
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "closing connection: bad PROXY protocol header");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%peer, ?timeout, "closing connection: no PROXY protocol header in time");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::backend::{spawn_backend, BackendOptions};
+use crate::cli::demo_backend::{spawn_backend, BackendOptions};
 use crate::config::Config;
 
 /// Starts `count` demo backends on loopback and returns the configuration of a balancer on

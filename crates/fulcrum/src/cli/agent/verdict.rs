@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::wire::agent_line::{write_line, AdminWord, OpWord};
+
 /// When the advertised weight falls and when the host asks for no new traffic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
@@ -148,18 +150,13 @@ impl Verdict {
     /// `down`), so each answer undoes what an earlier one set: HAProxy keeps a state until the
     /// agent says otherwise. The reason follows `#` (newlines removed).
     pub fn line(&self) -> String {
-        let words = match self.state {
-            State::Up => "ready up",
-            State::Drain => "drain up",
-            State::Down => "ready down",
-            State::Maint => "maint",
+        let (admin, op) = match self.state {
+            State::Up => (AdminWord::Ready, Some(OpWord::Up)),
+            State::Drain => (AdminWord::Drain, Some(OpWord::Up)),
+            State::Down => (AdminWord::Ready, Some(OpWord::Down)),
+            State::Maint => (AdminWord::Maint, None),
         };
-        let reason: String = self
-            .reason
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        format!("{}% {words} #{reason}\n", self.weight_percent)
+        write_line(self.weight_percent, admin, op, &self.reason)
     }
 }
 

@@ -1,92 +1,29 @@
-//! TLS with rustls (crypto provider `ring`): termination on `https` listeners (certificates
+//! TLS termination on `https` listeners with rustls (crypto provider `ring`): certificates
 //! chosen by SNI, ALPN `h2` / `http/1.1`, TLS 1.2 and 1.3, reload without dropping open
-//! connections) and the client side of upstream TLS.
+//! connections.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::certs::{load_certified_key, provider};
 use crate::config::ListenerTlsConfig;
-use crate::events::EventLog;
+use crate::runtime::events::EventLog;
 
 /// How often the certificate and key files of `https` listeners are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The crypto provider Fulcrum uses everywhere (ring).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A loaded certificate: the chain and key ready for handshakes, and the DNS names (from the
-/// certificate's subject alternative names) it answers for.
-#[derive(Debug)]
-pub struct LoadedCert {
-    /// Chain and signing key.
-    pub key: Arc<CertifiedKey>,
-    /// DNS names of the leaf certificate, lower case; `*.example.com` for wildcards.
-    pub names: Vec<String>,
-}
-
-/// Loads a PEM certificate chain and its PEM private key. Errors name the file and say what
-/// is wrong (unreadable, no PEM certificate, no key, unsupported key, key not matching).
-pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String> {
-    let chain = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| format!("cannot read certificate file {}: {e}", cert_path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad certificate file {}: {e}", cert_path.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "certificate file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            cert_path.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => format!(
-            "key file {} has no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-            key_path.display()
-        ),
-        e => format!("cannot read key file {}: {e}", key_path.display()),
-    })?;
-    let names = {
-        let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-            format!(
-                "certificate file {}: the first certificate cannot be parsed: {e}",
-                cert_path.display()
-            )
-        })?;
-        leaf.valid_dns_names()
-            .map(|n| n.to_ascii_lowercase())
-            .collect()
-    };
-    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => format!(
-            "key file {} does not match certificate file {}",
-            key_path.display(),
-            cert_path.display()
-        ),
-        e => format!("unusable private key in {}: {e}", key_path.display()),
-    })?;
-    Ok(LoadedCert {
-        key: Arc::new(key),
-        names,
-    })
-}
 
 /// The certificates of one listener, indexed by name.
 #[derive(Debug)]
@@ -328,102 +265,4 @@ fn file_stamps(config: &ListenerTlsConfig) -> Vec<Option<(SystemTime, u64)>> {
         .iter()
         .flat_map(|c| [stamp(&c.get_ref().cert), stamp(&c.get_ref().key)])
         .collect()
-}
-
-/// Loads CA certificates (PEM) to verify backends with. Errors name the file.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("bad CA file {}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "CA file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    Ok(roots)
-}
-
-/// A rustls client config for connecting to backends: trusting the CA file `ca` (else the
-/// webpki roots), or nothing at all when `verify` is false; ALPN `alpn`.
-pub fn client_config(
-    ca: Option<&Path>,
-    verify: bool,
-    alpn: &[u8],
-) -> Result<Arc<ClientConfig>, String> {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS setup: {e}"))?;
-    let mut config = if verify {
-        let roots = match ca {
-            Some(path) => load_roots(path)?,
-            None => RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
-        };
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth()
-    };
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// `verify = false`: any certificate is accepted (handshake signatures are still checked).
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -1,0 +1,431 @@
+//! Layer 9, listener: binding (one `SO_REUSEPORT` socket per worker), accepting, the
+//! connection limit and each connection's slot, and serving an HTTP connection — in rounds
+//! that park while idle (`park`, `lot`), behind TLS (`tls`) or a PROXY header — or a TCP
+//! listener's sessions (`tcp`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::proxy::http::HttpProxy;
+use crate::runtime::workers::Workers;
+use tls::TlsListener;
+
+#[cfg(target_os = "linux")]
+mod lot;
+mod park;
+pub mod tcp;
+pub mod tls;
+
+/// Pending connections the kernel queues per listener before accept.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A bound listener, ready to accept.
+#[derive(Debug, Clone)]
+pub struct BoundListener {
+    /// The listener's name in the config.
+    pub name: String,
+    /// The address it actually listens on (port 0 resolved).
+    pub address: SocketAddr,
+    /// The pool it serves.
+    pub pool: String,
+    /// Whether it terminates TLS (`https`).
+    pub tls: bool,
+    /// Whether it is a raw TCP (L4) listener.
+    pub tcp: bool,
+}
+
+/// A listener's accept tasks (one per worker) and the switch that stops them.
+pub(crate) struct ListenerTask {
+    pub(crate) config: ListenerConfig,
+    pub(crate) bound: BoundListener,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) tasks: Vec<JoinHandle<()>>,
+    pub(crate) stats: Arc<ListenerStats>,
+    /// TLS termination, for `https` listeners.
+    pub(crate) tls: Option<Arc<TlsListener>>,
+}
+
+/// Counters of one listener's client connections.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Client connections open now.
+    pub open: AtomicU64,
+    /// Client connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Client connections closed at accept because of `max_connections`.
+    pub refused: AtomicU64,
+    /// Client connections accepted by each worker (how evenly the kernel spreads them).
+    pub accepted_by_worker: Box<[AtomicU64]>,
+    /// Idle client connections parked in the listener's parking lots now (Linux).
+    pub parked: Arc<AtomicU64>,
+}
+
+impl ListenerStats {
+    /// Counters for a listener served by `workers` accept loops.
+    pub fn new(workers: usize) -> Self {
+        ListenerStats {
+            accepted_by_worker: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            ..ListenerStats::default()
+        }
+    }
+
+    /// Counts a connection accepted on this thread's worker.
+    pub fn note_accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = self
+            .accepted_by_worker
+            .get(crate::runtime::workers::current_worker())
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ListenerTask {
+    /// Stops accepting; the task drains its connections in the background.
+    pub(crate) fn close(self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Whether two listener configs can share one running listener (spans are not compared).
+pub(crate) fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a == b
+}
+
+/// Starts serving `sockets` (one per worker) as the listener `name`.
+pub(crate) fn start_listener(
+    workers: &Workers,
+    name: &str,
+    config: ListenerConfig,
+    sockets: Vec<std::net::TcpListener>,
+    proxy: HttpProxy,
+    shutdown_timeout: Duration,
+    tls: Option<Arc<TlsListener>>,
+) -> Result<ListenerTask> {
+    let address = sockets
+        .first()
+        .context("no listening socket")?
+        .local_addr()?;
+    let bound = BoundListener {
+        name: name.to_string(),
+        address,
+        pool: config.pool.get_ref().clone(),
+        tls: tls.is_some(),
+        tcp: config.protocol == ListenerProtocol::Tcp,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let stats = Arc::new(ListenerStats::new(workers.sockets_per_listener()));
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch_files(stopped.clone()));
+    }
+    // `max_connections` bounds the listener as a whole, across its workers.
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut sockets = sockets.into_iter().map(Some).collect::<Vec<_>>();
+    let (http_proxy, tcp_proxy) = if config.protocol == ListenerProtocol::Tcp {
+        let tcp = crate::proxy::tcp::TcpProxy::new(proxy, &config);
+        (None, Some(Arc::new(tcp)))
+    } else {
+        (Some(Arc::new(proxy)), None)
+    };
+    let tasks = workers.spawn_each(|worker| {
+        let socket = sockets[worker].take();
+        let accept = AcceptSettings {
+            limit: limit.clone(),
+            stop: stopped.clone(),
+            shutdown_timeout,
+            stats: stats.clone(),
+        };
+        let (http_proxy, tcp_proxy, config, tls) = (
+            http_proxy.clone(),
+            tcp_proxy.clone(),
+            config.clone(),
+            tls.clone(),
+        );
+        async move {
+            // Registered with the runtime of the worker that serves it.
+            let listener = match socket.map(TcpListener::from_std) {
+                Some(Ok(listener)) => listener,
+                Some(Err(error)) => {
+                    tracing::error!(%error, %address, "cannot serve a listening socket");
+                    return;
+                }
+                None => return,
+            };
+            match (tcp_proxy, http_proxy) {
+                (Some(tcp_proxy), _) => {
+                    tcp::serve_tcp(listener, tcp_proxy, config.max_connections, accept).await
+                }
+                (None, Some(proxy)) => serve_http(listener, proxy, config, accept, tls).await,
+                (None, None) => {}
+            }
+        }
+    });
+    Ok(ListenerTask {
+        config,
+        bound,
+        stop,
+        tasks,
+        stats,
+        tls,
+    })
+}
+
+/// What every accept loop of one listener shares.
+pub struct AcceptSettings {
+    /// The listener's `max_connections`, across all its workers.
+    pub limit: Arc<Semaphore>,
+    /// Turns true when the listener must stop accepting and drain.
+    pub stop: watch::Receiver<bool>,
+    /// How long draining may take.
+    pub shutdown_timeout: Duration,
+    /// The listener's connection counters.
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Binds `count` listening sockets on `address` (one per worker; port 0 is resolved by the
+/// first) with SO_REUSEADDR, SO_REUSEPORT (so the kernel spreads connections over the workers,
+/// and a reload or a second process can bind beside them) and a deep backlog.
+pub(crate) fn bind(
+    address: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_one(address)?;
+    let address = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(bind_one(address)?);
+    }
+    Ok(sockets)
+}
+
+fn bind_one(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Builds the hyper server for one listener: HTTP/1.1 with keep-alive and HTTP/2 prior
+/// knowledge, header size and header read time bounded.
+fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout.0)
+        .max_buf_size(config.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .enable_connect_protocol() // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_bytes as u32);
+    builder
+}
+
+/// Accepts and serves connections of one HTTP listener until told to stop, then drains.
+async fn serve_http(
+    listener: TcpListener,
+    proxy: Arc<HttpProxy>,
+    config: ListenerConfig,
+    accept_settings: AcceptSettings,
+    tls: Option<Arc<TlsListener>>,
+) {
+    let AcceptSettings {
+        limit,
+        mut stop,
+        shutdown_timeout,
+        stats,
+    } = accept_settings;
+    let builder = Arc::new(http_builder(&config));
+    // Every connection (TLS ones after their handshake) parks and drains through `drain`.
+    let plain = tls.is_none();
+    let park = Arc::new(park::ParkSettings::new(&config, builder.clone()).with_tls(tls));
+    let (drain, _) = watch::channel(());
+    if plain {
+        park.start_lot(drain.subscribe(), stats.parked.clone());
+    }
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = accept(&listener) => accepted,
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, max_connections = config.max_connections, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        stats.note_accepted();
+        if config.accept_proxy_protocol {
+            serve_connection_after_proxy_header(
+                &park,
+                &drain,
+                stream,
+                client,
+                proxy.clone(),
+                (permit, stats.clone()),
+                config.header_read_timeout.0,
+            );
+            continue;
+        }
+        serve_connection(
+            &park,
+            &drain,
+            stream,
+            client,
+            proxy.clone(),
+            (permit, stats.clone()),
+        );
+    }
+    drop(listener);
+    drain.send_replace(());
+    tokio::select! {
+        _ = drain.closed() => {}
+        _ = tokio::time::sleep(shutdown_timeout) => {
+            tracing::warn!(timeout = ?shutdown_timeout, "shutdown timeout reached; closing remaining connections");
+        }
+    }
+}
+
+/// Serves a plain-TCP client connection in its own task; idle HTTP/1.1 connections park (see
+/// [`park`]). The server's shutdown reaches it through `drain`.
+fn serve_connection(
+    park: &Arc<park::ParkSettings>,
+    drain: &watch::Sender<()>,
+    stream: TcpStream,
+    client: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
+) {
+    let slot = Arc::new(ConnectionSlot::new(permit, stats));
+    tokio::spawn(park::serve(
+        park.clone(),
+        stream,
+        client,
+        proxy,
+        slot,
+        drain.subscribe(),
+    ));
+}
+
+/// The next connection on `listener`. Accept errors (usually out of file descriptors) are
+/// logged and retried after a short pause instead of spinning. Cancel-safe.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::error!(%error, local = ?listener.local_addr().ok(), "accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The hyper service of one client connection: every request goes to `proxy`; an upgrade
+/// request carries the connection's slot, since its tunnel outlives hyper's connection.
+pub(crate) fn client_service(
+    proxy: Arc<HttpProxy>,
+    client: SocketAddr,
+    slot: Arc<ConnectionSlot>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::proxy::body::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let client_ip = crate::proxy::headers::client_ip_value(client.ip());
+    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        attach_client_slot(&mut request, &slot);
+        let proxy = proxy.clone();
+        let client_ip = client_ip.clone();
+        async move { proxy.handle(request, client, client_ip).await }
+    })
+}
+
+/// Gives an upgrade request its client connection's slot (the tunnel outlives hyper's
+/// connection, so it must keep the connection counted); other requests are left alone.
+pub(crate) fn attach_client_slot<B>(request: &mut http::Request<B>, slot: &Arc<ConnectionSlot>) {
+    if crate::proxy::upgrade::is_upgrade(request) {
+        request
+            .extensions_mut()
+            .insert(crate::proxy::upgrade::ClientSlot(slot.clone()));
+    }
+}
+
+/// One client connection's place on its listener: its `max_connections` permit and its count
+/// in the open connections, both released when the last holder (the connection, or the tunnel
+/// of an upgraded connection) drops it.
+pub(crate) struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<ListenerStats>,
+}
+
+impl ConnectionSlot {
+    pub(crate) fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        stats: Arc<ListenerStats>,
+    ) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            _permit: permit,
+            stats,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Like [`serve_connection`], for listeners behind a front load balancer: first reads the
+/// PROXY protocol header (within `header_timeout`; a bad or missing one closes the connection)
+/// and serves the connection as coming from the client address it carries.
+fn serve_connection_after_proxy_header(
+    park: &Arc<park::ParkSettings>,
+    drain: &watch::Sender<()>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
+    header_timeout: Duration,
+) {
+    let slot = Arc::new(ConnectionSlot::new(permit, stats));
+    let park = park.clone();
+    let drain = drain.subscribe();
+    tokio::spawn(async move {
+        let header =
+            crate::wire::proxy_protocol::read_header_within(&mut stream, header_timeout, peer)
+                .await;
+        if let Some(carried) = header {
+            let client = carried.map_or(peer, |c| c.source);
+            park::serve(park, stream, client, proxy, slot, drain).await;
+        }
+    });
+}
