@@ -2,6 +2,9 @@
 //! load notifications a request pays, and Maglev table rebuild at 1000.
 //! Run with `cargo bench -p fulcrum-balance`.
 
+// criterion_group! and criterion_main! generate undocumented functions.
+#![allow(missing_docs)]
+
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -321,6 +321,7 @@ impl LoadTree {
     /// A tree pick; `None` asks for the exact scan (nothing pickable per the tree, an
     /// excluded backend reached, or stale paths found on every try).
     #[inline]
+    #[allow(clippy::option_option)] // the outer None means "scan instead", the inner one "none"
     fn pick<C: Candidate>(&self, backends: &[C], ctx: &PickContext<'_>) -> Option<Option<usize>> {
         let mut random = ctx.random;
         for attempt in 0..MAX_DESCENTS {

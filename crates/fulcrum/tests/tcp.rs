@@ -486,7 +486,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
     let mut buffer = [0u8; 16];
     match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(0) | Err(_)) => started.elapsed(),
         Ok(Ok(n)) => panic!("unexpected {n} bytes"),
         Err(_) => panic!("session still open after {limit:?}"),
     }

@@ -60,15 +60,7 @@ impl BackendProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         #[cfg(target_os = "linux")]
-        #[allow(unsafe_code)]
-        // SAFETY: the closure runs in the forked child before exec and only makes one
-        // async-signal-safe system call (prctl).
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        fulcrum_sys::process::terminate_with_parent(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("cannot start `{}`", words.join(" ")))?;

@@ -79,7 +79,7 @@ impl fmt::Display for HashKey {
 }
 
 /// Parses a `hash_key` value.
-pub fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+pub(super) fn parse_hash_key(text: &str) -> Result<HashKey, String> {
     let expected = "expected \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"path\"";
     match text {
         "client_ip" => return Ok(HashKey::ClientIp),

@@ -17,15 +17,14 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fulcrum_sys::epoll::OwnedEpoll;
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -34,17 +33,9 @@ use tokio::time::Instant;
 const EVENTS_PER_WAKE: usize = 64;
 
 /// The epoll set, as a descriptor tokio can watch. Owns the descriptor for its whole life.
-struct EpollFd(Epoll);
-
-impl AsRawFd for EpollFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0 .0.as_raw_fd()
-    }
-}
-
 /// Idle connections of one listener on one worker; see the module doc.
 pub(crate) struct Lot<T> {
-    epoll: AsyncFd<EpollFd>,
+    epoll: AsyncFd<OwnedEpoll>,
     keep_alive_timeout: Duration,
     state: Mutex<State<T>>,
     /// Wakes [`Lot::run`] when a connection parks in an empty lot (to set its timer).
@@ -75,13 +66,7 @@ impl<T> Lot<T> {
     /// counts its parked connections (with other lots'). Must be called on the runtime that
     /// will run [`Lot::run`].
     pub(crate) fn new(keep_alive_timeout: Duration, gauge: Arc<AtomicU64>) -> io::Result<Self> {
-        let epoll = EpollFd(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
-        // SAFETY: `EpollFd` owns its descriptor (an `OwnedFd` inside `Epoll`, never replaced:
-        // the field is private and immutable), so it stays open and the same for as long as
-        // the `AsyncFd` holds it, and `as_raw_fd` always returns it.
-        #[allow(unsafe_code)]
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(io::Error::from)?;
+        let epoll = fulcrum_sys::epoll::register_new()?;
         Ok(Lot {
             epoll,
             keep_alive_timeout,
@@ -134,7 +119,7 @@ impl<T> Lot<T> {
             EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
             key(slot, generation),
         );
-        if let Err(error) = self.epoll.get_ref().0.add(&stream, event) {
+        if let Err(error) = self.epoll.get_ref().epoll().add(&stream, event) {
             state.free.push(slot);
             drop(state);
             tracing::debug!(%error, "cannot add a connection to the parking lot");
@@ -170,7 +155,7 @@ impl<T> Lot<T> {
         state.free.push(slot);
         state.parked -= 1;
         self.gauge.fetch_sub(1, Ordering::Relaxed);
-        let _ = self.epoll.get_ref().0.delete(&parked.stream);
+        let _ = self.epoll.get_ref().epoll().delete(&parked.stream);
         Some(parked)
     }
 
@@ -191,7 +176,7 @@ impl<T> Lot<T> {
                 _ = drain.changed() => break,
                 ready = self.epoll.readable() => {
                     let Ok(mut guard) = ready else { break };
-                    let woken = match self.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+                    let woken = match self.epoll.get_ref().epoll().wait(&mut events, EpollTimeout::ZERO) {
                         Ok(n) => n,
                         Err(Errno::EINTR) => continue,
                         Err(error) => {

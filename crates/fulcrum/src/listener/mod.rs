@@ -183,6 +183,7 @@ pub(crate) fn start_listener(
 }
 
 /// What every accept loop of one listener shares.
+#[derive(Debug)]
 pub struct AcceptSettings {
     /// The listener's `max_connections`, across all its workers.
     pub limit: Arc<Semaphore>,

@@ -40,6 +40,7 @@ struct Retiring {
 }
 
 /// The task that owns a pool's membership.
+#[derive(Debug)]
 pub struct PoolManager {
     pool: Arc<Pool>,
     settings: Arc<PoolSettings>,

@@ -14,6 +14,7 @@ use crate::upstream::UpstreamSender;
 
 /// A backend's response body. Holds the request's in-flight slot until the body is finished
 /// or dropped, and hands the connection back to the pool once the body ended cleanly.
+#[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
     sender: Option<UpstreamSender>,
@@ -64,6 +65,7 @@ impl Drop for UpstreamBody {
 }
 
 /// What a client receives as a response body.
+#[derive(Debug)]
 pub enum ProxyBody {
     /// Streamed from a backend.
     Upstream(UpstreamBody),

@@ -51,7 +51,7 @@ pub async fn pump(
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock && short > 0 => {
                     break short
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {} // wait for readiness again
                 Err(error) => return Err(error),
             }
         };
@@ -77,7 +77,7 @@ pub async fn pump(
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock && short > 0 => {
                     left -= short
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {} // wait for readiness again
                 Err(error) => return Err(error),
             }
         }

@@ -265,9 +265,8 @@ impl TcpProxy {
             };
             tried[attempt] = index;
             let backend = &snapshot.backends[index];
-            match self.connect_to(snapshot, backend).await {
-                Some(stream) => return Some((backend.clone(), stream)),
-                None => continue,
+            if let Some(stream) = self.connect_to(snapshot, backend).await {
+                return Some((backend.clone(), stream));
             }
         }
         if settings.panic_mode && !snapshot.backends.is_empty() {

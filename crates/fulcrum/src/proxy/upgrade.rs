@@ -35,7 +35,7 @@ const MAX_ATTEMPTS_CAP: usize = 8;
 
 /// The client connection's place on its listener (connection limit, open count), put in an
 /// upgrade request's extensions by the listener so the tunnel holds it for its whole life.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ClientSlot(pub Arc<dyn std::any::Any + Send + Sync>);
 
 /// Whether `request` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and an

@@ -40,15 +40,10 @@ pub fn collect_if_parked() {
 fn collect() {
     PARKED_SINCE_COLLECT.with(|parked| parked.set(false));
     LAST_COLLECT.with(|last| last.set(Some(Instant::now())));
-    // SAFETY: `mi_collect` has no preconditions: it walks the calling thread's own heap and
-    // returns its free pages to the OS. Forced, because the non-forced pass leaves pages still
-    // inside mimalloc's purge delay (measured: 18.2 KB per idle connection non-forced, 3.7 KB
-    // forced); its cost is bounded by collecting at most once a second per thread, and only
-    // after connections parked.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-    }
+    // Forced, because the non-forced pass leaves pages still inside mimalloc's purge delay
+    // (measured: 18.2 KB per idle connection non-forced, 3.7 KB forced); its cost is bounded
+    // by collecting at most once a second per thread, and only after connections parked.
+    super::allocator::collect_freed_memory();
 }
 
 #[cfg(test)]

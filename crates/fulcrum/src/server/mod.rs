@@ -100,6 +100,14 @@ impl std::fmt::Display for ReloadReport {
     }
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
     /// Builds the pools and binds every listener; fails (with the listener's name and address)
     /// when one cannot be bound. Serving starts at once. `config_path` is what reloads re-read.

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 /// The body Fulcrum sends to a backend: the client's body streamed through, or nothing (a
 /// retried request, whose body was empty).
+#[derive(Debug)]
 pub enum RequestBody {
     /// The client's body, streamed.
     Client(Incoming),
@@ -78,6 +79,14 @@ pub(crate) struct BodyWatch {
     request: u32,
 }
 
+impl std::fmt::Debug for BodyWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyWatch")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BodyWatch {
     /// Watches the body of request number `request` for `watcher`.
     pub(crate) fn new(watcher: Weak<dyn BodyWatcher>, request: u32) -> Self {
@@ -101,6 +110,7 @@ impl Drop for BodyWatch {
 }
 
 /// A client request body with its [`BodyWatch`].
+#[derive(Debug)]
 pub struct WatchedBody {
     body: Incoming,
     watch: BodyWatch,

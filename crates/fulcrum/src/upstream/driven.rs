@@ -219,6 +219,14 @@ pub struct Driven {
     timer: Option<Pin<Box<Sleep>>>,
 }
 
+impl std::fmt::Debug for Driven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driven")
+            .field("detached", &self.detached)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Driven {
     /// Pairs a sender with its (not yet polled) connection.
     pub fn new(sender: http1::SendRequest<RequestBody>, connection: ConnectionTask) -> Self {

@@ -93,6 +93,7 @@ pub struct UpstreamTransport {
 }
 
 /// TLS towards the backends.
+#[derive(Debug)]
 pub struct UpstreamTls {
     /// rustls client settings (roots, ALPN).
     pub config: Arc<ClientConfig>,
@@ -162,6 +163,7 @@ impl fmt::Debug for UpstreamTransport {
 
 /// A handle to send requests on: an HTTP/1.1 connection (one request at a time) or a clone
 /// of a shared HTTP/2 connection (many streams at once).
+#[derive(Debug)]
 pub enum UpstreamSender {
     /// HTTP/1.1, the connection running in a task of its own.
     Http1(SendRequest<RequestBody>),
@@ -221,6 +223,7 @@ fn to_h2(mut request: Request<RequestBody>, tls: bool) -> Request<RequestBody> {
 }
 
 /// A connection ready to carry one request.
+#[derive(Debug)]
 pub struct UpstreamConnection {
     /// The hyper handle to send the request on.
     pub sender: UpstreamSender,

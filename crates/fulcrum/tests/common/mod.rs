@@ -17,12 +17,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The fulcrum binary under test.
-pub fn fulcrum_bin() -> &'static str {
+pub(crate) fn fulcrum_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fulcrum")
 }
 
 /// A child process, killed (by pid) and reaped on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     child: Option<Child>,
     /// Address from the readiness line.
     pub addr: SocketAddr,
@@ -37,12 +37,12 @@ pub struct Proc {
 
 impl Proc {
     /// The process id.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("process already reaped").id()
     }
 
     /// Kills the process with SIGKILL and reaps it.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -50,7 +50,7 @@ impl Proc {
     }
 
     /// Sends a signal by name ("TERM", "HUP", ...).
-    pub fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.pid().to_string())
@@ -60,7 +60,7 @@ impl Proc {
     }
 
     /// Waits (bounded) for the process to exit and returns its exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
         let child = self.child.as_mut()?;
         loop {
@@ -76,17 +76,17 @@ impl Proc {
     }
 
     /// The process's log output so far.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// The admin API's base URL (`fulcrum run` only).
-    pub fn admin_url(&self) -> String {
+    pub(crate) fn admin_url(&self) -> String {
         format!("http://{}", self.listeners["admin"])
     }
 
     /// Peak resident memory (VmHWM) in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         status
@@ -175,7 +175,7 @@ fn unique() -> String {
 }
 
 /// Starts a demo backend named `name` (with an optional answer delay) on 127.0.0.1:0.
-pub fn backend(name: &str, delay_ms: u64) -> Proc {
+pub(crate) fn backend(name: &str, delay_ms: u64) -> Proc {
     spawn(
         &[
             "backend",
@@ -194,7 +194,7 @@ pub fn backend(name: &str, delay_ms: u64) -> Proc {
 
 /// Starts `fulcrum backend --listen 127.0.0.1:0 --name NAME EXTRA...` (e.g. `--tcp-echo`,
 /// `--proxy-protocol`).
-pub fn backend_with(name: &str, extra: &[&str]) -> Proc {
+pub(crate) fn backend_with(name: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["backend", "--listen", "127.0.0.1:0", "--name", name];
     args.extend_from_slice(extra);
     spawn(&args, 1, None, &std::env::temp_dir())
@@ -202,7 +202,7 @@ pub fn backend_with(name: &str, extra: &[&str]) -> Proc {
 
 /// Starts a demo backend named `name` serving HTTPS (h2 and http/1.1 by ALPN) with the PEM
 /// certificate and key files given.
-pub fn tls_backend(name: &str, cert: &Path, key: &Path) -> Proc {
+pub(crate) fn tls_backend(name: &str, cert: &Path, key: &Path) -> Proc {
     spawn(
         &[
             "backend",
@@ -222,7 +222,7 @@ pub fn tls_backend(name: &str, cert: &Path, key: &Path) -> Proc {
 }
 
 /// Starts a demo backend named `name` on a given address (e.g. to restart a killed one).
-pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
+pub(crate) fn backend_at(name: &str, addr: SocketAddr) -> Proc {
     spawn(
         &["backend", "--listen", &addr.to_string(), "--name", name],
         1,
@@ -233,7 +233,7 @@ pub fn backend_at(name: &str, addr: SocketAddr) -> Proc {
 
 /// Starts `fulcrum agent ARGS` (the caller gives `--listen` and the rest) and waits for its
 /// readiness lines: `agent` (the agent-check port) and, with `--http-listen`, `agent-http`.
-pub fn agent(args: &[&str]) -> Proc {
+pub(crate) fn agent(args: &[&str]) -> Proc {
     let ready = 1 + usize::from(args.contains(&"--http-listen"));
     let mut all = vec!["agent"];
     all.extend_from_slice(args);
@@ -242,7 +242,7 @@ pub fn agent(args: &[&str]) -> Proc {
 
 /// A "backend" that accepts connections, reads a little and closes without answering.
 /// Returns its address and a counter of accepted connections.
-pub fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+pub(crate) fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -260,7 +260,7 @@ pub fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU
 }
 
 /// Writes `config` to a temporary file and returns (dir, path).
-pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fulcrum.toml");
     std::fs::write(&path, config).expect("write config");
@@ -268,12 +268,12 @@ pub fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 /// Starts `fulcrum run` with this config text; `listeners` is how many listeners to await.
-pub fn balancer_with(config: &str, listeners: usize) -> Proc {
+pub(crate) fn balancer_with(config: &str, listeners: usize) -> Proc {
     balancer_with_args(config, listeners, &[])
 }
 
 /// Like [`balancer_with`], with more command-line arguments after `run --config FILE`.
-pub fn balancer_with_args(config: &str, listeners: usize, extra: &[&str]) -> Proc {
+pub(crate) fn balancer_with_args(config: &str, listeners: usize, extra: &[&str]) -> Proc {
     let (dir, path) = write_config(config);
     let log_dir = dir.path().to_path_buf();
     let mut args = vec!["run", "--config", path.to_str().unwrap()];
@@ -286,12 +286,12 @@ pub fn balancer_with_args(config: &str, listeners: usize, extra: &[&str]) -> Pro
 
 /// Starts `fulcrum run` with one HTTP listener `web` on port 0 in front of `backends`.
 /// `pool_extra` is added to the `[pools.app]` table (e.g. `algorithm = "least_conn"`).
-pub fn balancer(backends: &[(SocketAddr, u32)], pool_extra: &str) -> Proc {
+pub(crate) fn balancer(backends: &[(SocketAddr, u32)], pool_extra: &str) -> Proc {
     balancer_with(&config_for(backends, pool_extra), 1)
 }
 
 /// The config text `balancer` uses.
-pub fn config_for(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
+pub(crate) fn config_for(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
     let list: Vec<String> = backends
         .iter()
         .map(|(addr, weight)| format!("{{ address = \"{addr}\", weight = {weight} }}"))
@@ -305,19 +305,19 @@ pub fn config_for(backends: &[(SocketAddr, u32)], pool_extra: &str) -> String {
 }
 
 /// A free port on 127.0.0.1 with nothing listening (bound, then released).
-pub fn dead_address() -> SocketAddr {
+pub(crate) fn dead_address() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
 
 /// Makes `ring` the process's rustls provider (reqwest is built without one of its own).
-pub fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A TLS config trusting nothing, for clients that only speak plain HTTP: giving reqwest one
 /// spares it loading the system's root certificates for every client it builds.
-pub fn plain_tls_config() -> rustls::ClientConfig {
+pub(crate) fn plain_tls_config() -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -328,7 +328,7 @@ pub fn plain_tls_config() -> rustls::ClientConfig {
 }
 
 /// An HTTP client that never uses a proxy, with a bounded per-request time.
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .tls_backend_preconfigured(plain_tls_config())
@@ -339,7 +339,7 @@ pub fn client() -> reqwest::Client {
 
 /// Sends `total` GET requests to `url` from `concurrency` tasks; returns (X-Backend → count,
 /// non-200 statuses and transport errors as text).
-pub async fn spread(
+pub(crate) async fn spread(
     url: &str,
     total: usize,
     concurrency: usize,
@@ -385,7 +385,7 @@ pub async fn spread(
 
 /// What a [`Load`] saw.
 #[derive(Debug, Default)]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     /// X-Backend → requests answered 200.
     pub counts: HashMap<String, usize>,
     /// X-Backend → when it first answered.
@@ -398,13 +398,13 @@ pub struct LoadReport {
 
 impl LoadReport {
     /// Total successful requests.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.counts.values().sum()
     }
 }
 
 /// Continuous GET load from `concurrency` clients until stopped (bounded by `max_duration`).
-pub struct Load {
+pub(crate) struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     report: std::sync::Arc<std::sync::Mutex<LoadReport>>,
     tasks: tokio::task::JoinSet<()>,
@@ -412,7 +412,7 @@ pub struct Load {
 
 impl Load {
     /// Starts the load against `url`.
-    pub fn start(url: &str, concurrency: usize, max_duration: Duration) -> Load {
+    pub(crate) fn start(url: &str, concurrency: usize, max_duration: Duration) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let report = std::sync::Arc::new(std::sync::Mutex::new(LoadReport::default()));
         let deadline = std::time::Instant::now() + max_duration;
@@ -461,7 +461,7 @@ impl Load {
     }
 
     /// Requests answered by `backend` so far.
-    pub fn count(&self, backend: &str) -> usize {
+    pub(crate) fn count(&self, backend: &str) -> usize {
         self.report
             .lock()
             .unwrap()
@@ -472,12 +472,12 @@ impl Load {
     }
 
     /// Total successful requests so far.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.report.lock().unwrap().total()
     }
 
     /// Waits (bounded by `timeout`) until `condition` holds on the report so far.
-    pub async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         timeout: Duration,
         condition: impl Fn(&LoadReport) -> bool,
@@ -493,7 +493,7 @@ impl Load {
     }
 
     /// Stops the clients and returns what they saw.
-    pub async fn stop(mut self) -> LoadReport {
+    pub(crate) async fn stop(mut self) -> LoadReport {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         while self.tasks.join_next().await.is_some() {}
         std::mem::take(&mut self.report.lock().unwrap())
@@ -501,7 +501,7 @@ impl Load {
 }
 
 /// Waits (bounded) until `probe` returns true, polling every 10 ms.
-pub async fn eventually<F, Fut>(timeout: Duration, mut probe: F) -> bool
+pub(crate) async fn eventually<F, Fut>(timeout: Duration, mut probe: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -519,7 +519,7 @@ where
 }
 
 /// GETs an admin API path and parses the JSON answer.
-pub async fn admin_get(lb: &Proc, path: &str) -> serde_json::Value {
+pub(crate) async fn admin_get(lb: &Proc, path: &str) -> serde_json::Value {
     let response = client()
         .get(format!("{}{path}", lb.admin_url()))
         .send()
@@ -534,7 +534,7 @@ pub async fn admin_get(lb: &Proc, path: &str) -> serde_json::Value {
 }
 
 /// The balancer's Prometheus `/metrics` text.
-pub async fn metrics_text(lb: &Proc) -> String {
+pub(crate) async fn metrics_text(lb: &Proc) -> String {
     let response = client()
         .get(format!("{}/metrics", lb.admin_url()))
         .send()
@@ -545,7 +545,7 @@ pub async fn metrics_text(lb: &Proc) -> String {
 }
 
 /// The backends of pool `app` as the admin API shows them: address → JSON.
-pub async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
+pub(crate) async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
     let pool = admin_get(lb, "/api/pools/app").await;
     pool["backends"]
         .as_array()
@@ -557,7 +557,7 @@ pub async fn app_backends(lb: &Proc) -> HashMap<String, serde_json::Value> {
 
 /// Reads one complete HTTP/1.1 response (content-length or chunked) from a raw `stream`
 /// (TCP or TLS), within 5 s.
-pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+pub(crate) async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut data = Vec::new();
     let complete = |data: &[u8]| {
         let text = String::from_utf8_lossy(data);
@@ -591,11 +591,14 @@ pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> String {
 }
 
 /// Waits (up to `limit`) for the server to close a raw `stream`; returns how long that took.
-pub async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Duration {
+pub(crate) async fn closed_within<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> Duration {
     let started = Instant::now();
     let mut buffer = [0u8; 64];
     match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(0) | Err(_)) => started.elapsed(),
         Ok(Ok(n)) => panic!("unexpected {n} bytes"),
         Err(_) => panic!("connection still open after {limit:?}"),
     }

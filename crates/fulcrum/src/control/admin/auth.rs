@@ -10,7 +10,7 @@ use axum::Json;
 use serde_json::json;
 
 /// Compares two byte strings in time that depends only on their lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -18,7 +18,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Middleware: when a token is configured, refuses calls without `Authorization: Bearer TOKEN`.
-pub async fn require_token(
+pub(super) async fn require_token(
     State(token): State<Arc<Option<String>>>,
     request: Request,
     next: Next,

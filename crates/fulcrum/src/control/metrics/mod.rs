@@ -22,7 +22,7 @@ struct ServerCollector {
 type Sample<'a, V> = (Vec<(&'static str, String)>, V);
 
 fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     samples: &[Sample<'_, V>],
@@ -37,7 +37,7 @@ fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
 }
 
 fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     samples: &[Sample<'_, V>],
@@ -52,7 +52,7 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Collector for ServerCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let Some(server) = self.server.upgrade() else {
             return Ok(());
         };
@@ -319,7 +319,7 @@ impl Collector for ServerCollector {
 
 /// The autoscalers' numbers: pool size, wanted size, smoothed load, decisions, failures.
 fn encode_autoscale(
-    encoder: &mut DescriptorEncoder,
+    encoder: &mut DescriptorEncoder<'_>,
     server: &Server,
 ) -> Result<(), std::fmt::Error> {
     let stats = server.autoscale_stats();
