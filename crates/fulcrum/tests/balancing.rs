@@ -51,7 +51,7 @@ async fn peak_ewma_is_the_default_and_starves_the_slow_backend() {
         .map(|b| {
             (
                 b["address"].as_str().unwrap().to_string(),
-                b["latency_ewma_ms"].as_f64().unwrap_or(0.0),
+                b["latency_ms"].as_f64().unwrap_or(0.0),
             )
         })
         .collect();

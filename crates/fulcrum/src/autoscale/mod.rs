@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -58,8 +57,9 @@ impl AutoscaleStats {
     }
 }
 
-/// A backend the autoscaler started, as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// A backend the autoscaler started, as the admin API shows it (its wire form is
+/// `control::api::ManagedBackend`).
+#[derive(Debug, Clone)]
 pub struct ManagedBackend {
     /// Its address.
     pub address: SocketAddr,
@@ -67,8 +67,9 @@ pub struct ManagedBackend {
     pub pid: Option<u32>,
 }
 
-/// The autoscaler of one pool as the admin API shows it.
-#[derive(Debug, Serialize)]
+/// The autoscaler of one pool as the admin API shows it (its wire form is
+/// `control::api::AutoscaleStatus`).
+#[derive(Debug)]
 pub struct AutoscaleStatus {
     /// The pool.
     pub pool: String,

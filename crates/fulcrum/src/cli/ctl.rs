@@ -1,5 +1,7 @@
 //! `fulcrum ctl`: a command-line client of the admin API. Human-readable tables by default,
 //! the API's raw JSON with `--json`. API errors are shown as one line on stderr, exit code 1.
+//! Every answer is decoded into its type in [`crate::control::api`] (also with `--json`): an
+//! answer that does not match — a field missing, say — is an error naming the endpoint.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -10,8 +12,12 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::net::TcpStream;
+
+use crate::control::api;
+use crate::pool::AdminState;
 
 /// Where the admin API is when neither `--admin` nor `FULCRUM_ADMIN` says otherwise.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9090";
@@ -170,139 +176,166 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
     };
     match args.command {
         CtlCommand::Pools => {
-            let pools = client.call(Method::GET, "/api/pools", None).await?;
-            Ok(if json {
-                pretty(&pools)
-            } else {
-                pools_table(&pools)
-            })
+            let pools: Answer<Vec<api::PoolStatus>> =
+                client.call(Method::GET, "/api/pools", None).await?;
+            Ok(pools.show(json, |pools| pools_table(pools)))
         }
         CtlCommand::Backends { pool } => {
-            let status = client
-                .call(Method::GET, &format!("/api/pools/{}", encode(&pool)), None)
-                .await?;
-            Ok(if json {
-                pretty(&status)
-            } else {
-                backends_table(&status)
-            })
+            let path = format!("/api/pools/{}", encode(&pool));
+            let status: Answer<api::PoolStatus> = client.call(Method::GET, &path, None).await?;
+            Ok(status.show(json, backends_table))
         }
         CtlCommand::Add {
             pool,
             address,
             weight,
         } => {
-            let answer = client
-                .call(
-                    Method::POST,
-                    &format!("/api/pools/{}/backends", encode(&pool)),
-                    Some(json!({ "address": address, "weight": weight })),
-                )
+            let request = api::AddBackend {
+                address: address.clone(),
+                weight,
+            };
+            let path = format!("/api/pools/{}/backends", encode(&pool));
+            let answer: Answer<api::BackendAdded> = client
+                .call(Method::POST, &path, Some(body(&request)?))
                 .await?;
-            Ok(if json {
-                pretty(&answer)
-            } else {
-                format!("added {address} to pool {pool} with weight {weight}\n")
-            })
+            Ok(answer.show(json, |added| {
+                format!(
+                    "added {} to pool {pool} with weight {}\n",
+                    added.added, added.weight
+                )
+            }))
         }
         CtlCommand::Drain { pool, address } => {
-            set_state(&client, &backend_path(&pool, &address), "drain", json)
-                .await
-                .map(|out| {
-                    out.unwrap_or_else(|| {
-                        format!("{address} in pool {pool}: draining (no new requests)\n")
-                    })
-                })
+            let path = backend_path(&pool, &address);
+            let answer = set_state(&client, &path, AdminState::Draining).await?;
+            Ok(answer.show(json, |_| {
+                format!("{address} in pool {pool}: draining (no new requests)\n")
+            }))
         }
         CtlCommand::Activate { pool, address } => {
-            set_state(&client, &backend_path(&pool, &address), "active", json)
-                .await
-                .map(|out| out.unwrap_or_else(|| format!("{address} in pool {pool}: active\n")))
+            let path = backend_path(&pool, &address);
+            let answer = set_state(&client, &path, AdminState::Active).await?;
+            Ok(answer.show(json, |_| format!("{address} in pool {pool}: active\n")))
         }
         CtlCommand::Maint { pool, address } => {
-            set_state(&client, &backend_path(&pool, &address), "maint", json)
-                .await
-                .map(|out| {
-                    out.unwrap_or_else(|| {
-                        format!("{address} in pool {pool}: maintenance (no traffic)\n")
-                    })
-                })
+            let path = backend_path(&pool, &address);
+            let answer = set_state(&client, &path, AdminState::Maint).await?;
+            Ok(answer.show(json, |_| {
+                format!("{address} in pool {pool}: maintenance (no traffic)\n")
+            }))
         }
         CtlCommand::Remove { pool, address, now } => {
             let mut path = backend_path(&pool, &address);
             if now {
                 path.push_str("?now=true");
             }
-            let answer = client.call(Method::DELETE, &path, None).await?;
-            Ok(if json {
-                pretty(&answer)
-            } else if now {
-                format!("removed {address} from pool {pool}\n")
-            } else {
-                format!(
-                    "removing {address} from pool {pool}: no new requests; it leaves when its \
-                     in-flight requests finish (at most the pool's drain_timeout)\n"
-                )
-            })
+            let answer: Answer<api::BackendRemoved> =
+                client.call(Method::DELETE, &path, None).await?;
+            Ok(answer.show(json, |removed| {
+                if removed.drained {
+                    format!(
+                        "removing {address} from pool {pool}: no new requests; it leaves when \
+                         its in-flight requests finish (at most the pool's drain_timeout)\n"
+                    )
+                } else {
+                    format!("removed {address} from pool {pool}\n")
+                }
+            }))
         }
         CtlCommand::Weight {
             pool,
             address,
             weight,
         } => {
-            let answer = client
+            let request = api::UpdateBackend {
+                weight: Some(weight),
+                state: None,
+            };
+            let answer: Answer<api::BackendUpdated> = client
                 .call(
                     Method::PATCH,
                     &backend_path(&pool, &address),
-                    Some(json!({ "weight": weight })),
+                    Some(body(&request)?),
                 )
                 .await?;
-            Ok(if json {
-                pretty(&answer)
-            } else {
+            Ok(answer.show(json, |_| {
                 format!("{address} in pool {pool}: weight {weight}\n")
-            })
+            }))
         }
         CtlCommand::Reload => {
-            let answer = client.call(Method::POST, "/api/reload", None).await?;
-            Ok(if json {
-                pretty(&answer)
-            } else {
-                reload_summary(&answer)
-            })
+            let answer: Answer<api::Reloaded> =
+                client.call(Method::POST, "/api/reload", None).await?;
+            Ok(answer.show(json, reload_summary))
         }
         CtlCommand::Autoscale => {
-            let autoscalers = client.call(Method::GET, "/api/autoscale", None).await?;
-            Ok(if json {
-                pretty(&autoscalers)
-            } else {
-                autoscale_table(&autoscalers)
-            })
+            let autoscalers: Answer<Vec<api::AutoscaleStatus>> =
+                client.call(Method::GET, "/api/autoscale", None).await?;
+            Ok(autoscalers.show(json, |autoscalers| autoscale_table(autoscalers)))
         }
         CtlCommand::Events { limit } => {
-            let events = client
-                .call(Method::GET, &format!("/api/events?limit={limit}"), None)
-                .await?;
-            Ok(if json {
-                pretty(&events)
-            } else {
-                events_table(&events)
-            })
+            let path = format!("/api/events?limit={limit}");
+            let events: Answer<Vec<api::Event>> = client.call(Method::GET, &path, None).await?;
+            Ok(events.show(json, |events| events_table(events)))
         }
     }
 }
 
-/// PATCHes a backend's admin state; returns the raw JSON with `--json`, else None.
+/// PATCHes a backend's admin state.
 async fn set_state(
     client: &Client,
     path: &str,
-    state: &str,
-    json: bool,
-) -> Result<Option<String>, CtlError> {
-    let answer = client
-        .call(Method::PATCH, path, Some(json!({ "state": state })))
-        .await?;
-    Ok(json.then(|| pretty(&answer)))
+    state: AdminState,
+) -> Result<Answer<api::BackendUpdated>, CtlError> {
+    let request = api::UpdateBackend {
+        weight: None,
+        state: Some(state),
+    };
+    client
+        .call(Method::PATCH, path, Some(body(&request)?))
+        .await
+}
+
+/// A request body as JSON.
+fn body(request: &impl Serialize) -> Result<Bytes, CtlError> {
+    serde_json::to_vec(request)
+        .map(Bytes::from)
+        .map_err(|e| CtlError(format!("cannot encode the request body: {e}")))
+}
+
+/// A 2xx answer: decoded into its API type, and as the API sent it (for `--json`).
+struct Answer<T> {
+    value: T,
+    raw: Bytes,
+}
+
+impl<T> Answer<T> {
+    /// What ctl prints: the API's JSON (pretty-printed) with `--json`, else `human(answer)`.
+    fn show(&self, json: bool, human: impl FnOnce(&T) -> String) -> String {
+        if json {
+            pretty(&self.raw)
+        } else {
+            human(&self.value)
+        }
+    }
+}
+
+/// Decodes the 2xx answer of `endpoint` (`GET /api/pools`) from the admin API at `base` into
+/// its API type. An answer that does not match — a field missing, of the wrong type, not
+/// JSON at all — is an error naming the endpoint and the place in the answer.
+fn decode<T: DeserializeOwned>(base: &str, endpoint: &str, body: &[u8]) -> Result<T, CtlError> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!(" at {path}")
+        };
+        CtlError(format!(
+            "admin API at {base} answered {endpoint} with a body ctl does not understand{at}: {}",
+            error.inner()
+        ))
+    })
 }
 
 /// A minimal HTTP/1.1 client of the admin API: one connection per call.
@@ -347,15 +380,21 @@ impl Client {
         })
     }
 
-    /// Calls the API; a 2xx answer's JSON, else an error built from the API's error JSON.
-    async fn call(
+    /// Calls the API with an optional JSON body; a 2xx answer decoded into `T`, else an
+    /// error built from the API's error body.
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, CtlError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.exchange(method.clone(), path, body)).await {
-            Ok(outcome) => outcome,
+        body: Option<Bytes>,
+    ) -> Result<Answer<T>, CtlError> {
+        let exchange = self.exchange(method.clone(), path, body);
+        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(Ok(raw)) => Ok(Answer {
+                value: decode(&self.base, &format!("{method} {path}"), &raw)?,
+                raw,
+            }),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(CtlError(format!(
                 "admin API at {} did not answer {method} {path} within {}s",
                 self.base,
@@ -364,12 +403,13 @@ impl Client {
         }
     }
 
+    /// One exchange: the body of a 2xx answer, else an error built from the API's error body.
     async fn exchange(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, CtlError> {
+        body: Option<Bytes>,
+    ) -> Result<Bytes, CtlError> {
         let unreachable =
             |why: String| CtlError(format!("cannot reach admin API at {}: {why}", self.base));
         let connect = TcpStream::connect((self.host.as_str(), self.port));
@@ -407,7 +447,7 @@ impl Client {
         let payload = match body {
             Some(body) => {
                 request = request.header(CONTENT_TYPE, "application/json");
-                Bytes::from(body.to_string())
+                body
             }
             None => Bytes::new(),
         };
@@ -424,35 +464,28 @@ impl Client {
             .await
             .map_err(|e| unreachable(format!("reading the answer to {method} {path}: {e}")))?
             .to_bytes();
-        let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
         if status.is_success() {
-            return parsed.ok_or_else(|| {
-                CtlError(format!(
-                    "admin API at {} answered {method} {path} with something that is not JSON",
-                    self.base
-                ))
-            });
+            return Ok(bytes);
         }
-        Err(CtlError(api_error(status, parsed.as_ref(), &bytes)))
+        // Not every error answer is the API's (a proxy in between, axum's own 405).
+        let error: Option<api::ErrorBody> = serde_json::from_slice(&bytes).ok();
+        Err(CtlError(api_error(status, error.as_ref(), &bytes)))
     }
 }
 
 /// One line describing an API error answer.
-fn api_error(status: StatusCode, body: Option<&Value>, raw: &[u8]) -> String {
-    let message = body
-        .and_then(|b| b["error"].as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(raw);
-            let first = text.lines().next().unwrap_or("").trim();
-            if first.is_empty() {
-                status.canonical_reason().unwrap_or("error").to_lowercase()
-            } else {
-                first.to_string()
-            }
-        });
+fn api_error(status: StatusCode, body: Option<&api::ErrorBody>, raw: &[u8]) -> String {
+    let message = body.map(|b| b.error.clone()).unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(raw);
+        let first = text.lines().next().unwrap_or("").trim();
+        if first.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        } else {
+            first.to_string()
+        }
+    });
     let mut line = format!("{} {message}", status.as_u16());
-    if let Some(field) = body.and_then(|b| b["field"].as_str()) {
+    if let Some(field) = body.and_then(|b| b.field.as_deref()) {
         if !message.contains(&format!("`{field}`")) {
             let _ = write!(line, " (field `{field}`)");
         }
@@ -476,8 +509,13 @@ fn encode(segment: &str) -> String {
     out
 }
 
-fn pretty(value: &Value) -> String {
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+/// The API's JSON answer pretty-printed (as sent when it is not JSON; it was decoded, so it is).
+fn pretty(raw: &[u8]) -> String {
+    // Only re-indented here: the fields were read through the API types.
+    let mut text = serde_json::from_slice::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|value| serde_json::to_string_pretty(&value).ok())
+        .unwrap_or_else(|| String::from_utf8_lossy(raw).into_owned());
     text.push('\n');
     text
 }
@@ -515,42 +553,23 @@ fn table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn number(value: &Value) -> u64 {
-    value.as_u64().unwrap_or(0)
+/// An optional cell: `-` when absent.
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_string()
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn backends(pool: &Value) -> &[Value] {
-    pool["backends"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-fn pools_table(pools: &Value) -> String {
+fn pools_table(pools: &[api::PoolStatus]) -> String {
     let rows: Vec<Vec<String>> = pools
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
         .iter()
         .map(|pool| {
-            let members: Vec<&Value> = backends(pool)
-                .iter()
-                .filter(|b| b["removing"] != true)
-                .collect();
-            let available = members.iter().filter(|b| b["available"] == true).count();
-            let in_flight: u64 = backends(pool).iter().map(|b| number(&b["in_flight"])).sum();
-            let requests: u64 = backends(pool).iter().map(|b| number(&b["requests"])).sum();
+            let members: Vec<&api::BackendStatus> =
+                pool.backends.iter().filter(|b| !b.removing).collect();
+            let available = members.iter().filter(|b| b.available).count();
+            let in_flight: u64 = pool.backends.iter().map(|b| u64::from(b.in_flight)).sum();
+            let requests: u64 = pool.backends.iter().map(|b| b.requests).sum();
             vec![
-                text(&pool["name"]),
-                text(&pool["algorithm"]),
+                pool.name.clone(),
+                pool.algorithm.clone(),
                 format!("{available}/{}", members.len()),
                 in_flight.to_string(),
                 requests.to_string(),
@@ -564,41 +583,38 @@ fn pools_table(pools: &Value) -> String {
     )
 }
 
-fn backends_table(pool: &Value) -> String {
-    let rows: Vec<Vec<String>> = backends(pool)
+fn backends_table(pool: &api::PoolStatus) -> String {
+    let rows: Vec<Vec<String>> = pool
+        .backends
         .iter()
         .map(|b| {
-            let state = if b["removing"] == true {
+            let state = if b.removing {
                 "removing".to_string()
             } else {
-                text(&b["state"])
+                b.state.clone()
             };
-            let mut health = text(&b["health"]);
-            if b["ejected"] == true {
+            let mut health = b.health.clone();
+            if b.ejected {
                 health.push_str(",ejected");
             }
-            if b["backed_off"] == true {
+            if b.backed_off {
                 health.push_str(",backed-off");
             }
-            if b["agent_state"].as_str().is_some_and(|s| s != "up") {
-                let _ = write!(health, ",agent-{}", text(&b["agent_state"]));
+            if b.agent_state != "up" {
+                let _ = write!(health, ",agent-{}", b.agent_state);
             }
-            let latency = b["latency_ms"]
-                .as_f64()
+            let latency = b
+                .latency_ms
                 .map(|ms| format!("{ms:.1}ms"))
                 .unwrap_or_else(|| "-".to_string());
             vec![
-                text(&b["address"]),
+                b.address.clone(),
                 state,
                 health,
-                format!(
-                    "{}/{}",
-                    number(&b["weight"]),
-                    number(&b["effective_weight"])
-                ),
-                number(&b["in_flight"]).to_string(),
-                number(&b["requests"]).to_string(),
-                number(&b["failures"]).to_string(),
+                format!("{}/{}", b.weight, b.effective_weight),
+                b.in_flight.to_string(),
+                b.requests.to_string(),
+                b.failures.to_string(),
                 latency,
             ]
         })
@@ -619,20 +635,17 @@ fn backends_table(pool: &Value) -> String {
     )
 }
 
-fn events_table(events: &Value) -> String {
+fn events_table(events: &[api::Event]) -> String {
     let rows: Vec<Vec<String>> = events
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
         .iter()
         .map(|e| {
-            let at = UNIX_EPOCH + Duration::from_millis(number(&e["at_ms"]));
+            let at = UNIX_EPOCH + Duration::from_millis(e.at_ms);
             vec![
                 humantime::format_rfc3339_millis(at).to_string(),
-                text(&e["kind"]),
-                text(&e["pool"]),
-                text(&e["backend"]),
-                text(&e["message"]),
+                e.kind.clone(),
+                or_dash(e.pool.as_deref()),
+                or_dash(e.backend.as_deref()),
+                e.message.clone(),
             ]
         })
         .collect();
@@ -643,33 +656,24 @@ fn events_table(events: &Value) -> String {
     )
 }
 
-fn autoscale_table(autoscalers: &Value) -> String {
+fn autoscale_table(autoscalers: &[api::AutoscaleStatus]) -> String {
+    if autoscalers.is_empty() {
+        return "no pool has autoscaling\n".to_string();
+    }
     let rows: Vec<Vec<String>> = autoscalers
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
         .iter()
         .map(|a| {
-            let managed: Vec<String> = a["managed"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-                .iter()
-                .map(|m| text(&m["address"]))
-                .collect();
+            let managed: Vec<String> = a.managed.iter().map(|m| m.address.to_string()).collect();
             vec![
-                text(&a["pool"]),
-                text(&a["metric"]),
-                format!(
-                    "{:.2}/{}",
-                    a["load_per_backend"].as_f64().unwrap_or(0.0),
-                    text(&a["target"])
-                ),
-                number(&a["backends"]).to_string(),
-                number(&a["desired"]).to_string(),
-                format!("{}..{}", number(&a["min"]), number(&a["max"])),
-                format!("{}/{}", number(&a["scale_ups"]), number(&a["scale_downs"])),
-                number(&a["failures"]).to_string(),
+                a.pool.clone(),
+                a.metric.clone(),
+                // `{:?}` keeps the decimal point of a whole target (4.0), as the JSON has it.
+                format!("{:.2}/{:?}", a.load_per_backend, a.target),
+                a.backends.to_string(),
+                a.desired.to_string(),
+                format!("{}..{}", a.min, a.max),
+                format!("{}/{}", a.scale_ups, a.scale_downs),
+                a.failures.to_string(),
                 if managed.is_empty() {
                     "-".to_string()
                 } else {
@@ -678,9 +682,6 @@ fn autoscale_table(autoscalers: &Value) -> String {
             ]
         })
         .collect();
-    if rows.is_empty() {
-        return "no pool has autoscaling\n".to_string();
-    }
     table(
         &[
             "POOL",
@@ -698,28 +699,20 @@ fn autoscale_table(autoscalers: &Value) -> String {
     )
 }
 
-fn reload_summary(answer: &Value) -> String {
-    let changes = &answer["changes"];
-    let mut parts = Vec::new();
-    for (key, label) in [
-        ("listeners_added", "listeners opened"),
-        ("listeners_changed", "listeners re-opened"),
-        ("listeners_removed", "listeners closed"),
-        ("pools_added", "pools added"),
-        ("pools_updated", "pools re-applied"),
-        ("pools_removed", "pools removed"),
-    ] {
-        let names: Vec<String> = changes[key]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-            .iter()
-            .map(text)
-            .collect();
-        if !names.is_empty() {
-            parts.push(format!("{label}: {}", names.join(", ")));
-        }
-    }
+fn reload_summary(answer: &api::Reloaded) -> String {
+    let changes = &answer.changes;
+    let parts: Vec<String> = [
+        (&changes.listeners_added, "listeners opened"),
+        (&changes.listeners_changed, "listeners re-opened"),
+        (&changes.listeners_removed, "listeners closed"),
+        (&changes.pools_added, "pools added"),
+        (&changes.pools_updated, "pools re-applied"),
+        (&changes.pools_removed, "pools removed"),
+    ]
+    .into_iter()
+    .filter(|(names, _)| !names.is_empty())
+    .map(|(names, label)| format!("{label}: {}", names.join(", ")))
+    .collect();
     if parts.is_empty() {
         "reloaded: no changes\n".to_string()
     } else {
@@ -765,13 +758,18 @@ mod tests {
 
     #[test]
     fn api_errors_are_one_line() {
-        let body =
-            json!({ "error": "invalid request body: unknown field `wieght`", "field": "wieght" });
+        let body = api::ErrorBody {
+            error: "invalid request body: unknown field `wieght`".to_string(),
+            field: Some("wieght".to_string()),
+        };
         assert_eq!(
             api_error(StatusCode::BAD_REQUEST, Some(&body), b""),
             "400 invalid request body: unknown field `wieght`"
         );
-        let body = json!({ "error": "nothing to change", "field": "weight" });
+        let body = api::ErrorBody {
+            error: "nothing to change".to_string(),
+            field: Some("weight".to_string()),
+        };
         assert_eq!(
             api_error(StatusCode::BAD_REQUEST, Some(&body), b""),
             "400 nothing to change (field `weight`)"
@@ -780,5 +778,178 @@ mod tests {
             api_error(StatusCode::METHOD_NOT_ALLOWED, None, b""),
             "405 method not allowed"
         );
+    }
+
+    /// One backend as `GET /api/pools` shows it, without `without` when given.
+    fn backend_json(without: Option<&str>) -> String {
+        let mut fields = vec![
+            r#""address":"127.0.0.1:8001""#,
+            r#""weight":2"#,
+            r#""effective_weight":2"#,
+            r#""slow_start_percent":100"#,
+            r#""state":"active""#,
+            r#""health":"up""#,
+            r#""ejected":false"#,
+            r#""available":true"#,
+            r#""agent_percent":100"#,
+            r#""agent_cpu_percent":null"#,
+            r#""agent_state":"up""#,
+            r#""backed_off":false"#,
+            r#""in_flight":1"#,
+            r#""pending":0"#,
+            r#""requests":30"#,
+            r#""failures":0"#,
+            r#""removing":false"#,
+            r#""latency_ms":1.25"#,
+        ];
+        if let Some(field) = without {
+            fields.retain(|f| !f.starts_with(&format!("\"{field}\"")));
+        }
+        format!("{{{}}}", fields.join(","))
+    }
+
+    fn pools_json(without: Option<&str>) -> String {
+        format!(
+            r#"[{{"name":"app","algorithm":"round_robin","backends":[{}]}}]"#,
+            backend_json(without)
+        )
+    }
+
+    #[test]
+    fn answers_decode_into_the_api_types() {
+        let pools: Vec<api::PoolStatus> =
+            decode("http://x:1", "GET /api/pools", pools_json(None).as_bytes()).unwrap();
+        assert_eq!(pools[0].backends[0].requests, 30);
+        let out = pools_table(&pools);
+        assert_eq!(
+            out.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["app", "round_robin", "1/1", "1", "30"]
+        );
+        let out = backends_table(&pools[0]);
+        assert_eq!(
+            out.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [
+                "127.0.0.1:8001",
+                "active",
+                "up",
+                "2/2",
+                "1",
+                "30",
+                "0",
+                "1.2ms"
+            ]
+        );
+    }
+
+    /// A missing field is an error naming the endpoint and where in the answer, never a zero;
+    /// `null`able fields too.
+    #[test]
+    fn answers_missing_a_field_are_refused() {
+        for field in ["requests", "in_flight", "latency_ms", "agent_cpu_percent"] {
+            let body = pools_json(Some(field));
+            let error =
+                decode::<Vec<api::PoolStatus>>("http://x:1", "GET /api/pools", body.as_bytes())
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                error.starts_with(
+                    "admin API at http://x:1 answered GET /api/pools with a body ctl does not \
+                     understand at [0].backends[0]: "
+                ),
+                "{error}"
+            );
+            assert!(
+                error.contains(&format!("missing field `{field}`")),
+                "{error}"
+            );
+        }
+        let error =
+            decode::<api::Reloaded>("http://x:1", "POST /api/reload", br#"{"reloaded":true}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            error.contains("POST /api/reload") && error.contains("missing field `changes`"),
+            "{error}"
+        );
+        let error = decode::<Vec<api::Event>>("http://x:1", "GET /api/events", b"ok\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("GET /api/events") && error.contains("expected value"),
+            "{error}"
+        );
+        let error = decode::<api::PoolStatus>(
+            "http://x:1",
+            "GET /api/pools/app",
+            br#"{"name":"app","algorithm":"round_robin","backends":[{"requests":"many"}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("at backends[0].requests: invalid type"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn reloads_and_autoscalers_are_summarized() {
+        let reloaded = api::Reloaded {
+            reloaded: true,
+            changes: api::ReloadReport {
+                pools_updated: vec!["app".to_string()],
+                listeners_added: vec!["web".to_string(), "tcp".to_string()],
+                ..api::ReloadReport::default()
+            },
+        };
+        assert_eq!(
+            reload_summary(&reloaded),
+            "reloaded; listeners opened: web, tcp; pools re-applied: app\n"
+        );
+        let autoscaler = api::AutoscaleStatus {
+            pool: "app".to_string(),
+            metric: "cpu".to_string(),
+            target: 4.0,
+            min: 1,
+            max: 3,
+            backends: 2,
+            desired: 3,
+            load_per_backend: 5.5,
+            managed: vec![api::ManagedBackend {
+                address: "127.0.0.1:9001".parse().unwrap(),
+                pid: None,
+            }],
+            scale_ups: 1,
+            scale_downs: 0,
+            failures: 0,
+            replacements: 0,
+        };
+        let out = autoscale_table(&[autoscaler]);
+        assert_eq!(
+            out.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [
+                "app",
+                "cpu",
+                "5.50/4.0",
+                "2",
+                "3",
+                "1..3",
+                "1/0",
+                "0",
+                "127.0.0.1:9001"
+            ]
+        );
+        assert_eq!(autoscale_table(&[]), "no pool has autoscaling\n");
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use fulcrum_balance::{Algorithm, Balancer, BuildOptions, Member, PickContext, Selector};
-use serde::Serialize;
 
 use backend::NO_SLOT;
 pub use backend::{AdminState, AgentVerdict, Backend, BackendState, InFlightGuard, PassivePolicy};
@@ -334,8 +333,8 @@ impl Pool {
     }
 }
 
-/// A pool as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// A pool's state as the admin API shows it (its wire form is `control::api::PoolStatus`).
+#[derive(Debug, Clone)]
 pub struct PoolStatus {
     /// Pool name.
     pub name: String,
@@ -345,8 +344,9 @@ pub struct PoolStatus {
     pub backends: Vec<BackendStatus>,
 }
 
-/// A backend as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// A backend's state as the admin API shows it (its wire form is
+/// `control::api::BackendStatus`).
+#[derive(Debug, Clone)]
 pub struct BackendStatus {
     /// Address.
     pub address: String,
@@ -356,8 +356,6 @@ pub struct BackendStatus {
     pub effective_weight: u32,
     /// Slow-start factor in percent (100 when not ramping).
     pub slow_start_percent: u8,
-    /// Peak-EWMA of the time to response headers, in milliseconds; null until measured.
-    pub latency_ewma_ms: Option<f64>,
     /// active / draining / maint (a removed backend finishing its requests shows draining).
     pub state: &'static str,
     /// up / down per health checks.
@@ -384,7 +382,8 @@ pub struct BackendStatus {
     pub failures: u64,
     /// Removed from the pool, finishing in-flight requests.
     pub removing: bool,
-    /// Latency estimate in milliseconds (the balancer's EWMA); null while none is known.
+    /// The balancer's latency estimate (peak-EWMA of the time to response headers), in
+    /// milliseconds; `None` until measured.
     pub latency_ms: Option<f64>,
 }
 
@@ -395,10 +394,6 @@ impl BackendStatus {
             weight: backend.configured_weight(),
             effective_weight: backend.effective_weight(),
             slow_start_percent: backend.ramp_percent(),
-            latency_ewma_ms: match backend.latency.estimate(crate::runtime::clock::now_ns()) {
-                0 => None,
-                ns => Some(ns as f64 / 1e6),
-            },
             state: if removing {
                 "draining"
             } else {
@@ -416,12 +411,9 @@ impl BackendStatus {
             requests: backend.request_count(),
             failures: backend.failure_count(),
             removing,
-            latency_ms: {
-                let ns = fulcrum_balance::Candidate::latency_ns(
-                    backend,
-                    crate::runtime::clock::now_ns(),
-                );
-                (ns > 0).then(|| ns as f64 / 1e6)
+            latency_ms: match backend.latency.estimate(crate::runtime::clock::now_ns()) {
+                0 => None,
+                ns => Some(ns as f64 / 1e6),
             },
         }
     }

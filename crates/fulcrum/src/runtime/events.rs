@@ -6,13 +6,11 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-
 /// How many events are kept (older ones are dropped).
 const DEFAULT_CAPACITY: usize = 1000;
 
-/// One thing that happened.
-#[derive(Debug, Clone, Serialize)]
+/// One thing that happened (the admin API's wire form is `control::api::Event`).
+#[derive(Debug, Clone)]
 pub struct Event {
     /// Sequence number, increasing from 1.
     pub id: u64,

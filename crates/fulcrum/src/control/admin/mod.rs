@@ -14,18 +14,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::pool::{AdminState, PoolError, PoolHandle};
+use crate::control::api;
+use crate::pool::{PoolError, PoolHandle};
 use crate::server::Server;
 
 /// Most events one `GET /api/events` returns.
 const MAX_EVENTS: usize = 1000;
 
-/// An API error: status and a JSON body `{"error": ..., "field": ...}`.
+/// An API error: status and a JSON body `{"error": ..., "field": ...}` ([`api::ErrorBody`]).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -53,9 +52,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = match self.field {
-            Some(field) => json!({ "error": self.message, "field": field }),
-            None => json!({ "error": self.message }),
+        let body = api::ErrorBody {
+            error: self.message,
+            field: self.field,
         };
         (self.status, Json(body)).into_response()
     }
@@ -119,24 +118,17 @@ fn pool(server: &Server, name: &str) -> Result<PoolHandle, ApiError> {
 type ApiResult = Result<Response, ApiError>;
 
 async fn list_pools(State(server): State<Arc<Server>>) -> ApiResult {
-    let pools: Vec<_> = server.pools().values().map(|h| h.pool.status()).collect();
+    let pools: Vec<api::PoolStatus> = server
+        .pools()
+        .values()
+        .map(|h| h.pool.status().into())
+        .collect();
     Ok(Json(pools).into_response())
 }
 
 async fn show_pool(State(server): State<Arc<Server>>, Path(name): Path<String>) -> ApiResult {
-    Ok(Json(pool(&server, &name)?.pool.status()).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddBackend {
-    address: String,
-    #[serde(default = "one")]
-    weight: u32,
-}
-
-fn one() -> u32 {
-    1
+    let status: api::PoolStatus = pool(&server, &name)?.pool.status().into();
+    Ok(Json(status).into_response())
 }
 
 async fn add_backend(
@@ -145,21 +137,14 @@ async fn add_backend(
     body: Bytes,
 ) -> ApiResult {
     let handle = pool(&server, &name)?;
-    let request: AddBackend = parse_body(&body)?;
+    let request: api::AddBackend = parse_body(&body)?;
     let address = parse_address(&request.address)?;
     handle.add(address, request.weight).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "added": address.to_string(), "weight": request.weight })),
-    )
-        .into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpdateBackend {
-    weight: Option<u32>,
-    state: Option<AdminState>,
+    let answer = api::BackendAdded {
+        added: address.to_string(),
+        weight: request.weight,
+    };
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 async fn update_backend(
@@ -169,7 +154,7 @@ async fn update_backend(
 ) -> ApiResult {
     let handle = pool(&server, &name)?;
     let address = parse_address(&address)?;
-    let request: UpdateBackend = parse_body(&body)?;
+    let request: api::UpdateBackend = parse_body(&body)?;
     if request.weight.is_none() && request.state.is_none() {
         return Err(ApiError::field(
             "weight",
@@ -179,19 +164,16 @@ async fn update_backend(
     handle
         .update(address, request.weight, request.state)
         .await?;
-    Ok(Json(json!({ "updated": address.to_string() })).into_response())
-}
-
-#[derive(Deserialize)]
-struct RemoveQuery {
-    #[serde(default)]
-    now: bool,
+    let answer = api::BackendUpdated {
+        updated: address.to_string(),
+    };
+    Ok(Json(answer).into_response())
 }
 
 async fn remove_backend(
     State(server): State<Arc<Server>>,
     Path((name, address)): Path<(String, String)>,
-    query: Result<Query<RemoveQuery>, QueryRejection>,
+    query: Result<Query<api::RemoveQuery>, QueryRejection>,
 ) -> ApiResult {
     let handle = pool(&server, &name)?;
     let query = parse_query(query, "now")?;
@@ -202,32 +184,37 @@ async fn remove_backend(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((
-        status,
-        Json(json!({ "removed": address.to_string(), "drained": !query.now })),
-    )
-        .into_response())
+    let answer = api::BackendRemoved {
+        removed: address.to_string(),
+        drained: !query.now,
+    };
+    Ok((status, Json(answer)).into_response())
 }
 
 async fn reload(State(server): State<Arc<Server>>) -> ApiResult {
     match server.reload().await {
-        Ok(report) => Ok(Json(json!({ "reloaded": true, "changes": report })).into_response()),
+        Ok(report) => Ok(Json(api::Reloaded {
+            reloaded: true,
+            changes: report.into(),
+        })
+        .into_response()),
         Err(error) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{error:#}"))),
     }
 }
 
-#[derive(Deserialize)]
-struct EventsQuery {
-    limit: Option<usize>,
-}
-
 async fn events(
     State(server): State<Arc<Server>>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
+    query: Result<Query<api::EventsQuery>, QueryRejection>,
 ) -> ApiResult {
     let query = parse_query(query, "limit")?;
     let limit = query.limit.unwrap_or(100).min(MAX_EVENTS);
-    Ok(Json(server.events().recent(limit)).into_response())
+    let events: Vec<api::Event> = server
+        .events()
+        .recent(limit)
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(events).into_response())
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
@@ -243,7 +230,13 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
 }
 
 async fn autoscale(State(server): State<Arc<Server>>) -> ApiResult {
-    Ok(Json(server.autoscale_status().await).into_response())
+    let autoscalers: Vec<api::AutoscaleStatus> = server
+        .autoscale_status()
+        .await
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(autoscalers).into_response())
 }
 
 async fn not_found() -> ApiError {
