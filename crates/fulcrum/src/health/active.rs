@@ -1,6 +1,5 @@
 //! The active checks: a TCP connect, or an HTTP GET with expected status and body.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,33 +24,24 @@ use crate::wire::proxy_protocol::encode_local;
 const MAX_CHECK_BODY: usize = 64 * 1024;
 
 /// Why a check failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     /// No answer in time.
+    #[error("check timed out after {0:?}")]
     Timeout(Duration),
     /// Connect or I/O failure.
+    #[error("check connect failed: {0}")]
     Io(std::io::Error),
     /// HTTP-level failure.
+    #[error("check request failed: {0}")]
     Http(String),
     /// Answered with a status outside the expected range.
+    #[error("check answered status {0}")]
     Status(u16),
     /// The body lacked the expected text.
+    #[error("check body lacks the expected text")]
     Body,
 }
-
-impl fmt::Display for CheckError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CheckError::Timeout(d) => write!(f, "check timed out after {d:?}"),
-            CheckError::Io(e) => write!(f, "check connect failed: {e}"),
-            CheckError::Http(e) => write!(f, "check request failed: {e}"),
-            CheckError::Status(s) => write!(f, "check answered status {s}"),
-            CheckError::Body => write!(f, "check body lacks the expected text"),
-        }
-    }
-}
-
-impl std::error::Error for CheckError {}
 
 /// A configured active check.
 #[derive(Debug, Clone)]
