@@ -470,3 +470,51 @@ async fn status(AxumState(shared): AxumState<Arc<Shared>>) -> Json<Status> {
         line: verdict.line().trim_end().to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn thresholds(extra: &[&str]) -> Result<Thresholds, AgentError> {
+        let words = ["agent", "--listen", "127.0.0.1:0"].iter().chain(extra);
+        Cli::try_parse_from(words).unwrap().args.thresholds()
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_the_option_and_the_value() {
+        assert!(thresholds(&[]).is_ok());
+        for (extra, message) in [
+            (
+                &["--cpu-weight-from", "150"][..],
+                "--cpu-weight-from must be a percentage from 0 to 100, got 150",
+            ),
+            (
+                &["--disk-drain=-1"],
+                "--disk-drain must be a percentage from 0 to 100, got -1",
+            ),
+            (
+                &["--max-weight", "0"],
+                "--max-weight must be from 1 to 100, got 0",
+            ),
+            (
+                &["--min-weight", "60", "--max-weight", "50"],
+                "--min-weight (60) must not exceed --max-weight (50)",
+            ),
+            (
+                &["--check-timeout", "0s"],
+                "--check-interval and --check-timeout must be above zero",
+            ),
+        ] {
+            let error = thresholds(extra).expect_err(message);
+            assert_eq!(error.to_string(), message);
+        }
+    }
+}
