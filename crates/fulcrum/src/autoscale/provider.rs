@@ -5,8 +5,66 @@ use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use tokio::process::{Child, Command};
+
+/// Why a provider step failed: no port, a command that cannot start, fails or times out, or
+/// a `scale_up` output without backend addresses. Commands are quoted as run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// No free port could be had on 127.0.0.1 for a backend process.
+    #[error("no free port on 127.0.0.1: {0}")]
+    NoFreePort(std::io::Error),
+    /// The command template or command is empty.
+    #[error("empty command")]
+    EmptyCommand,
+    /// The command cannot be started (not found, not executable, ...).
+    #[error("cannot start `{command}`: {error}")]
+    Start {
+        /// The command line.
+        command: String,
+        /// Why it did not start.
+        error: std::io::Error,
+    },
+    /// Waiting for the command or reading its output failed.
+    #[error("`{command}` failed: {error}")]
+    Wait {
+        /// The command line.
+        command: String,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The command did not finish within the timeout (it is killed).
+    #[error("`{command}` timed out after {timeout:?}")]
+    Timeout {
+        /// The command line.
+        command: String,
+        /// The `command_timeout`.
+        timeout: Duration,
+    },
+    /// The command exited unsuccessfully.
+    #[error("`{command}` exited with {status}: {stderr}")]
+    Exit {
+        /// The command line.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// The last line of its stderr (at most 300 characters).
+        stderr: String,
+    },
+    /// A line of `scale_up`'s output is not "IP:PORT".
+    #[error("scale_up output line {line}: expected \"IP:PORT\", got {text:?}: {error}")]
+    BadAddress {
+        /// 1-based line number.
+        line: usize,
+        /// The line, trimmed.
+        text: String,
+        /// Why it is not a socket address.
+        error: std::net::AddrParseError,
+    },
+    /// `scale_up` printed no address.
+    #[error("scale_up printed no backend address (expected one \"IP:PORT\" per line)")]
+    NoAddress,
+}
 
 /// Replaces `{port}`, `{name}`, `{address}` and `{pool}` in each word of a command template.
 pub fn expand(template: &[String], values: &[(&str, &str)]) -> Vec<String> {
@@ -21,9 +79,10 @@ pub fn expand(template: &[String], values: &[(&str, &str)]) -> Vec<String> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> Result<u16> {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").context("no free port on 127.0.0.1")?;
-    Ok(socket.local_addr()?.port())
+pub fn free_port() -> Result<u16, ProviderError> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(ProviderError::NoFreePort)?;
+    let address = socket.local_addr().map_err(ProviderError::NoFreePort)?;
+    Ok(address.port())
 }
 
 /// A backend process started by the process provider.
@@ -39,7 +98,11 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts `template` with a free port and `name`. The child dies with us (parent-death
     /// signal) and is killed if this value is dropped.
-    pub fn spawn(template: &[String], name: &str, pool: &str) -> Result<BackendProcess> {
+    pub fn spawn(
+        template: &[String],
+        name: &str,
+        pool: &str,
+    ) -> Result<BackendProcess, ProviderError> {
         let port = free_port()?;
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let words = expand(
@@ -51,7 +114,7 @@ impl BackendProcess {
                 ("pool", pool),
             ],
         );
-        let (program, args) = words.split_first().context("empty command")?;
+        let (program, args) = words.split_first().ok_or(ProviderError::EmptyCommand)?;
         let mut command = Command::new(program);
         command
             .args(args)
@@ -61,9 +124,10 @@ impl BackendProcess {
             .kill_on_drop(true);
         #[cfg(target_os = "linux")]
         fulcrum_sys::process::terminate_with_parent(&mut command);
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", words.join(" ")))?;
+        let child = command.spawn().map_err(|error| ProviderError::Start {
+            command: words.join(" "),
+            error,
+        })?;
         Ok(BackendProcess {
             address,
             name: name.to_string(),
@@ -100,8 +164,8 @@ impl BackendProcess {
 
 /// Runs a user command with `timeout`; returns its stdout, or why it failed (exit status and
 /// the end of its stderr).
-pub async fn run_command(words: &[String], timeout: Duration) -> Result<String> {
-    let (program, args) = words.split_first().context("empty command")?;
+pub async fn run_command(words: &[String], timeout: Duration) -> Result<String, ProviderError> {
+    let (program, args) = words.split_first().ok_or(ProviderError::EmptyCommand)?;
     let child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -109,14 +173,25 @@ pub async fn run_command(words: &[String], timeout: Duration) -> Result<String> 
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start `{}`", words.join(" ")))?;
+        .map_err(|error| ProviderError::Start {
+            command: words.join(" "),
+            error,
+        })?;
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(output) => output.with_context(|| format!("`{}` failed", words.join(" ")))?,
-        Err(_) => bail!("`{}` timed out after {timeout:?}", words.join(" ")),
+        Ok(output) => output.map_err(|error| ProviderError::Wait {
+            command: words.join(" "),
+            error,
+        })?,
+        Err(_) => {
+            return Err(ProviderError::Timeout {
+                command: words.join(" "),
+                timeout,
+            })
+        }
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: String = stderr
+        let stderr: String = stderr
             .trim()
             .lines()
             .last()
@@ -124,33 +199,32 @@ pub async fn run_command(words: &[String], timeout: Duration) -> Result<String> 
             .chars()
             .take(300)
             .collect();
-        bail!(
-            "`{}` exited with {}: {tail}",
-            words.join(" "),
-            output.status
-        );
+        return Err(ProviderError::Exit {
+            command: words.join(" "),
+            status: output.status,
+            stderr,
+        });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Reads the backend addresses a `scale_up` command printed: one "IP:PORT" per non-empty line.
-pub fn parse_addresses(stdout: &str) -> Result<Vec<SocketAddr>> {
+pub fn parse_addresses(stdout: &str) -> Result<Vec<SocketAddr>, ProviderError> {
     let mut addresses = Vec::new();
     for (number, line) in stdout.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let address = line.parse().with_context(|| {
-            format!(
-                "scale_up output line {}: expected \"IP:PORT\", got {line:?}",
-                number + 1
-            )
+        let address = line.parse().map_err(|error| ProviderError::BadAddress {
+            line: number + 1,
+            text: line.to_string(),
+            error,
         })?;
         addresses.push(address);
     }
     if addresses.is_empty() {
-        bail!("scale_up printed no backend address (expected one \"IP:PORT\" per line)");
+        return Err(ProviderError::NoAddress);
     }
     Ok(addresses)
 }

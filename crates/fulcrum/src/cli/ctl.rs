@@ -119,16 +119,9 @@ pub enum CtlCommand {
 }
 
 /// Why a ctl command failed; the message is printed as one line.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct CtlError(String);
-
-impl std::fmt::Display for CtlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CtlError {}
 
 /// Runs `fulcrum ctl`: prints the answer on stdout, or one error line on stderr and exits 1.
 pub fn main(args: CtlArgs) -> ExitCode {

@@ -3,14 +3,27 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::Result;
+use crate::cli::demo_backend::{spawn_backend, BackendError, BackendOptions};
+use crate::config::{Config, ConfigError};
 
-use crate::cli::demo_backend::{spawn_backend, BackendOptions};
-use crate::config::Config;
+/// Why a demo could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A demo backend could not start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The generated configuration was refused (a bug, or an unusable `--listen`).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The path of the running `fulcrum` executable, which the autoscaler starts as backend
+    /// processes, cannot be found.
+    #[error("cannot find the fulcrum executable: {0}")]
+    CurrentExe(std::io::Error),
+}
 
 /// Starts `count` demo backends on loopback and returns the configuration of a balancer on
 /// `listen` in front of them.
-pub async fn start_demo_backends(listen: SocketAddr, count: usize) -> Result<Config> {
+pub async fn start_demo_backends(listen: SocketAddr, count: usize) -> Result<Config, DemoError> {
     let mut backends = Vec::new();
     for i in 1..=count {
         let options = BackendOptions {
@@ -35,8 +48,8 @@ pub async fn start_demo_backends(listen: SocketAddr, count: usize) -> Result<Con
 /// The configuration of an autoscaled demo: a balancer on `listen` whose pool starts one
 /// `fulcrum backend` process and grows to `max` under load (more than 8 requests in flight
 /// per backend for 3 s), shrinking again after 15 s of lower load.
-pub fn autoscaled_demo(listen: SocketAddr, max: usize) -> Result<Config> {
-    let exe = std::env::current_exe()?;
+pub fn autoscaled_demo(listen: SocketAddr, max: usize) -> Result<Config, DemoError> {
+    let exe = std::env::current_exe().map_err(DemoError::CurrentExe)?;
     let command = toml_string(&exe.display().to_string());
     let text = format!(
         "[listeners.demo]\nlisten = \"{listen}\"\nprotocol = \"http\"\npool = \"demo\"\n\n\

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{
@@ -47,6 +46,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::listener::tls::{CertStore, ListenerTlsError, TlsListener};
 use crate::wire::proxy_protocol::read_header;
 
 /// Header naming the backend that answered.
@@ -71,6 +71,40 @@ pub struct BackendOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
+/// Why a demo backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Its address cannot be bound.
+    #[error("backend cannot listen on {address}: {error}")]
+    Listen {
+        /// The address it was to listen on.
+        address: SocketAddr,
+        /// Why binding failed.
+        error: std::io::Error,
+    },
+    /// The address of the bound socket cannot be read.
+    #[error("backend cannot read its listening address: {0}")]
+    LocalAddr(std::io::Error),
+    /// Its name cannot be sent in the `X-Backend` header.
+    #[error("backend name must be a valid header value: {0}")]
+    Name(http::header::InvalidHeaderValue),
+    /// Its certificate or key cannot be loaded, or TLS cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] ListenerTlsError),
+}
+
+/// Binds `listen` for a demo backend.
+async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), BackendError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|error| BackendError::Listen {
+            address: listen,
+            error,
+        })?;
+    let address = listener.local_addr().map_err(BackendError::LocalAddr)?;
+    Ok((listener, address))
+}
+
 /// How long a client may take to send its PROXY protocol header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,11 +127,11 @@ async fn proxied_client(stream: &mut TcpStream, peer: SocketAddr) -> Option<Sock
 /// Binds `listen` and serves a TCP echo server in a background task (every connection gets
 /// back exactly the bytes it sends). With `proxy_protocol`, each connection's PROXY header is
 /// read and not echoed. Returns the bound address.
-pub async fn spawn_tcp_echo(listen: SocketAddr, proxy_protocol: bool) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("backend cannot listen on {listen}"))?;
-    let address = listener.local_addr()?;
+pub async fn spawn_tcp_echo(
+    listen: SocketAddr,
+    proxy_protocol: bool,
+) -> Result<SocketAddr, BackendError> {
+    let (listener, address) = bind(listen).await?;
     tokio::spawn(async move {
         loop {
             let (mut stream, peer) = crate::listener::accept(&listener).await;
@@ -144,7 +178,10 @@ impl Fnv1a {
 }
 
 /// Binds `listen` and serves the demo backend in a background task. Returns the bound address.
-pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Result<SocketAddr> {
+pub async fn spawn_backend(
+    listen: SocketAddr,
+    options: BackendOptions,
+) -> Result<SocketAddr, BackendError> {
     let tls = match &options.tls {
         Some((cert, key)) => {
             let config = crate::config::ListenerTlsConfig {
@@ -158,22 +195,15 @@ pub async fn spawn_backend(listen: SocketAddr, options: BackendOptions) -> Resul
                 )],
                 handshake_timeout: crate::config::ConfigDuration(Duration::from_secs(10)),
             };
-            let store =
-                crate::listener::tls::CertStore::load(&config).map_err(anyhow::Error::msg)?;
-            Some(
-                crate::listener::tls::TlsListener::new("backend", &config, store, None)
-                    .map_err(anyhow::Error::msg)?,
-            )
+            let store = CertStore::load(&config)?;
+            Some(TlsListener::new("backend", &config, store, None)?)
         }
         None => None,
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("backend cannot listen on {listen}"))?;
-    let address = listener.local_addr()?;
+    let (listener, address) = bind(listen).await?;
     let name = options.name.clone().unwrap_or_else(|| address.to_string());
     let state = Arc::new(BackendServer {
-        name: HeaderValue::from_str(&name).context("backend name must be a valid header value")?,
+        name: HeaderValue::from_str(&name).map_err(BackendError::Name)?,
         delay: options.delay,
         connections: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -196,7 +226,7 @@ struct BackendServer {
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<BackendServer>,
-    tls: Option<Arc<crate::listener::tls::TlsListener>>,
+    tls: Option<Arc<TlsListener>>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {

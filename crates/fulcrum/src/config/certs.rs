@@ -1,13 +1,13 @@
 //! Loading the certificate, key and CA files a configuration names (PEM), with errors that
 //! name the file and say what is wrong; used by validation and by TLS set-up on both sides.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The crypto provider Fulcrum uses everywhere (ring).
@@ -25,44 +25,119 @@ pub struct LoadedCert {
     pub names: Vec<String>,
 }
 
+/// Why a certificate chain and its key could not be loaded. Every message names the file;
+/// the cause (the PEM, X.509 or key error) is part of the message, not a separate
+/// [`source`](std::error::Error::source), since configuration errors are printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The certificate file cannot be opened or read.
+    #[error("cannot read certificate file {}: {error}", .path.display())]
+    ReadCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        error: pem::Error,
+    },
+    /// The certificate file is not valid PEM.
+    #[error("bad certificate file {}: {error}", .path.display())]
+    BadCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// What is wrong with its PEM.
+        error: pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("certificate file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)", .path.display())]
+    NoCert {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The first (leaf) certificate is not a valid X.509 certificate.
+    #[error("certificate file {}: the first certificate cannot be parsed: {error}", .path.display())]
+    BadLeaf {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why the certificate cannot be parsed.
+        error: webpki::Error,
+    },
+    /// The key file holds no private key.
+    #[error("key file {} has no PEM private key (PKCS#8, PKCS#1 or SEC1)", .path.display())]
+    NoKey {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// The key file cannot be opened, read or decoded.
+    #[error("cannot read key file {}: {error}", .path.display())]
+    ReadKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        error: pem::Error,
+    },
+    /// The key is not the certificate's.
+    #[error("key file {} does not match certificate file {}", .key.display(), .cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The key cannot be used for signing (unsupported algorithm, ...).
+    #[error("unusable private key in {}: {error}", .path.display())]
+    BadKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        error: rustls::Error,
+    },
+}
+
 /// Loads a PEM certificate chain and its PEM private key. Errors name the file and say what
 /// is wrong (unreadable, no PEM certificate, no key, unsupported key, key not matching).
-pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String> {
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, CertError> {
     let chain = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| format!("cannot read certificate file {}: {e}", cert_path.display()))?
+        .map_err(|error| CertError::ReadCert {
+            path: cert_path.to_path_buf(),
+            error,
+        })?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad certificate file {}: {e}", cert_path.display()))?;
+        .map_err(|error| CertError::BadCert {
+            path: cert_path.to_path_buf(),
+            error,
+        })?;
     if chain.is_empty() {
-        return Err(format!(
-            "certificate file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            cert_path.display()
-        ));
+        return Err(CertError::NoCert {
+            path: cert_path.to_path_buf(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => format!(
-            "key file {} has no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-            key_path.display()
-        ),
-        e => format!("cannot read key file {}: {e}", key_path.display()),
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| match error {
+        pem::Error::NoItemsFound => CertError::NoKey {
+            path: key_path.to_path_buf(),
+        },
+        error => CertError::ReadKey {
+            path: key_path.to_path_buf(),
+            error,
+        },
     })?;
     let names = {
-        let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-            format!(
-                "certificate file {}: the first certificate cannot be parsed: {e}",
-                cert_path.display()
-            )
-        })?;
+        let leaf =
+            webpki::EndEntityCert::try_from(&chain[0]).map_err(|error| CertError::BadLeaf {
+                path: cert_path.to_path_buf(),
+                error,
+            })?;
         leaf.valid_dns_names()
             .map(|n| n.to_ascii_lowercase())
             .collect()
     };
-    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => format!(
-            "key file {} does not match certificate file {}",
-            key_path.display(),
-            cert_path.display()
-        ),
-        e => format!("unusable private key in {}: {e}", key_path.display()),
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|error| match error {
+        rustls::Error::InconsistentKeys(_) => CertError::KeyMismatch {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        },
+        error => CertError::BadKey {
+            path: key_path.to_path_buf(),
+            error,
+        },
     })?;
     Ok(LoadedCert {
         key: Arc::new(key),
@@ -70,22 +145,62 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedCer
     })
 }
 
+/// Why a CA file could not be loaded. Every message names the file and includes the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The CA file cannot be opened or read.
+    #[error("cannot read CA file {}: {error}", .path.display())]
+    Read {
+        /// The CA file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        error: pem::Error,
+    },
+    /// The CA file is not valid PEM.
+    #[error("bad CA file {}: {error}", .path.display())]
+    BadPem {
+        /// The CA file.
+        path: PathBuf,
+        /// What is wrong with its PEM.
+        error: pem::Error,
+    },
+    /// A certificate in the CA file cannot be used as a trust anchor.
+    #[error("bad CA certificate in {}: {error}", .path.display())]
+    BadCert {
+        /// The CA file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        error: rustls::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error("CA file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)", .path.display())]
+    Empty {
+        /// The CA file.
+        path: PathBuf,
+    },
+}
+
 /// Loads CA certificates (PEM) to verify backends with. Errors name the file.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+pub fn load_roots(path: &Path) -> Result<RootCertStore, CaError> {
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_file_iter(path).map_err(|error| CaError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
     for cert in certs {
-        let cert = cert.map_err(|e| format!("bad CA file {}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+        let cert = cert.map_err(|error| CaError::BadPem {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        roots.add(cert).map_err(|error| CaError::BadCert {
+            path: path.to_path_buf(),
+            error,
+        })?;
     }
     if roots.is_empty() {
-        return Err(format!(
-            "CA file {} has no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
+        return Err(CaError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(roots)
 }

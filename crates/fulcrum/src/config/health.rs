@@ -178,10 +178,8 @@ mod tests {
         range: StatusRange,
     }
 
-    fn range(text: &str) -> Result<StatusRange, String> {
-        toml::from_str::<Wrapper>(&format!("range = \"{text}\""))
-            .map(|w| w.range)
-            .map_err(|e| e.to_string())
+    fn range(text: &str) -> Result<StatusRange, toml::de::Error> {
+        toml::from_str::<Wrapper>(&format!("range = \"{text}\"")).map(|w| w.range)
     }
 
     #[test]

@@ -8,7 +8,6 @@ mod tls;
 mod types;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -22,7 +21,9 @@ pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
 };
 pub use tls::{CertConfig, ListenerTlsConfig, UpstreamProtocol};
-pub use types::{AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, HashKey, ListenAddr};
+pub use types::{
+    AlgorithmName, BackendAddress, BackendSpec, ConfigDuration, HashKey, ListenAddr, ValueError,
+};
 
 /// A whole Fulcrum configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -350,8 +351,10 @@ impl Default for PoolTimeouts {
     }
 }
 
-/// A configuration error pointing at the place in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A configuration error pointing at the place in the file: `file:line:column: message`, or
+/// `file: message` when it is about no place in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", self.place())]
 pub struct ConfigError {
     /// The file the error is in.
     pub file: PathBuf,
@@ -363,23 +366,15 @@ pub struct ConfigError {
     pub message: String,
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            return write!(f, "{}: {}", self.file.display(), self.message);
+impl ConfigError {
+    /// `file:line:column`, or just `file` when `line` is 0.
+    fn place(&self) -> String {
+        match self.line {
+            0 => self.file.display().to_string(),
+            line => format!("{}:{line}:{}", self.file.display(), self.column),
         }
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads, parses and validates the file at `path`.

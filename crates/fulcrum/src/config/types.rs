@@ -22,10 +22,50 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    text.parse::<SocketAddr>().map_err(|_| {
-        format!("invalid address \"{text}\": expected IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8080\"")
-    })
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, ValueError> {
+    text.parse::<SocketAddr>()
+        .map_err(|_| ValueError::SocketAddr(text.to_string()))
+}
+
+/// What a `hash_key` may be, for error messages.
+const HASH_KEY_EXPECTED: &str =
+    "expected \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"path\"";
+
+/// Why a configuration value written as a string (an address, a `hash_key`) is invalid;
+/// serde reports it at the value's position in the file. Each message quotes the value and
+/// says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// Not an "IP:PORT" socket address.
+    #[error(
+        "invalid address \"{0}\": expected IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8080\""
+    )]
+    SocketAddr(String),
+    /// A backend address that is neither "IP:PORT" nor "HOST:PORT".
+    #[error("invalid address \"{0}\": expected IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8080\", or HOST:PORT, like \"app.internal:8080\"")]
+    BackendAddress(String),
+    /// A "HOST:PORT" backend address whose port is not 1-65535.
+    #[error("invalid port in \"{0}\": expected 1-65535")]
+    Port(String),
+    /// `hash_key = "header:NAME"` with an invalid header name.
+    #[error("invalid header name \"{name}\" in hash_key \"{text}\": {expected}", expected = HASH_KEY_EXPECTED)]
+    HashKeyHeader {
+        /// The header name.
+        name: String,
+        /// The whole `hash_key` value.
+        text: String,
+    },
+    /// `hash_key = "cookie:NAME"` with an invalid cookie name.
+    #[error("invalid cookie name \"{name}\" in hash_key \"{text}\": {expected}", expected = HASH_KEY_EXPECTED)]
+    HashKeyCookie {
+        /// The cookie name.
+        name: String,
+        /// The whole `hash_key` value.
+        text: String,
+    },
+    /// A `hash_key` of none of the known forms.
+    #[error("unknown hash_key \"{0}\": {expected}", expected = HASH_KEY_EXPECTED)]
+    HashKey(String),
 }
 
 /// A duration written the human way: "250ms", "1s", "2m", "1h 30m".
@@ -79,8 +119,7 @@ impl fmt::Display for HashKey {
 }
 
 /// Parses a `hash_key` value.
-pub(super) fn parse_hash_key(text: &str) -> Result<HashKey, String> {
-    let expected = "expected \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"path\"";
+pub(super) fn parse_hash_key(text: &str) -> Result<HashKey, ValueError> {
     match text {
         "client_ip" => return Ok(HashKey::ClientIp),
         "path" => return Ok(HashKey::Path),
@@ -89,20 +128,22 @@ pub(super) fn parse_hash_key(text: &str) -> Result<HashKey, String> {
     if let Some(name) = text.strip_prefix("header:") {
         return http::HeaderName::from_bytes(name.as_bytes())
             .map(HashKey::Header)
-            .map_err(|_| {
-                format!("invalid header name \"{name}\" in hash_key \"{text}\": {expected}")
+            .map_err(|_| ValueError::HashKeyHeader {
+                name: name.to_string(),
+                text: text.to_string(),
             });
     }
     if let Some(name) = text.strip_prefix("cookie:") {
         let token = |c: char| c.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(c);
         if name.is_empty() || !name.chars().all(token) {
-            return Err(format!(
-                "invalid cookie name \"{name}\" in hash_key \"{text}\": {expected}"
-            ));
+            return Err(ValueError::HashKeyCookie {
+                name: name.to_string(),
+                text: text.to_string(),
+            });
         }
         return Ok(HashKey::Cookie(name.to_string()));
     }
-    Err(format!("unknown hash_key \"{text}\": {expected}"))
+    Err(ValueError::HashKey(text.to_string()))
 }
 
 impl<'de> Deserialize<'de> for HashKey {
@@ -171,7 +212,7 @@ impl fmt::Display for BackendAddress {
 }
 
 /// Parses "IP:PORT" or "HOST:PORT" (a DNS name of letters, digits, '-' and '.').
-fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
+fn parse_backend_address(text: &str) -> Result<BackendAddress, ValueError> {
     if let Ok(address) = text.parse::<SocketAddr>() {
         return Ok(BackendAddress::Ip(address));
     }
@@ -194,10 +235,8 @@ fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
                 host: host.to_string(),
                 port,
             })
-            .ok_or_else(|| format!("invalid port in \"{text}\": expected 1-65535")),
-        _ => Err(format!(
-            "invalid address \"{text}\": expected IP:PORT, like \"127.0.0.1:8080\" or \"[::1]:8080\", or HOST:PORT, like \"app.internal:8080\""
-        )),
+            .ok_or_else(|| ValueError::Port(text.to_string())),
+        _ => Err(ValueError::BackendAddress(text.to_string())),
     }
 }
 
@@ -296,7 +335,7 @@ mod tests {
             "cookie:a;b",
             "Path",
         ] {
-            let message = parse_hash_key(bad).unwrap_err();
+            let message = parse_hash_key(bad).unwrap_err().to_string();
             assert!(message.contains("expected"), "{bad}: {message}");
         }
     }

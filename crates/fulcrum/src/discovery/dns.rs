@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
 use hickory_resolver::Resolver;
 use tokio::sync::mpsc;
 
@@ -31,11 +32,22 @@ impl DnsTarget {
     }
 }
 
+/// Why the DNS resolver could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    /// The system's resolver configuration (resolv.conf) cannot be read.
+    #[error("cannot read the system's DNS configuration: {0}")]
+    SystemConfig(NetError),
+    /// The resolver refused its configuration.
+    #[error("cannot build the DNS resolver: {0}")]
+    Build(NetError),
+}
+
 /// Builds the resolver: the given servers, or the system's configuration. Caching is off so
 /// that every round asks again (the round's interval is the cache).
-pub fn resolver(servers: &[SocketAddr]) -> anyhow::Result<Resolver<TokioRuntimeProvider>> {
+pub fn resolver(servers: &[SocketAddr]) -> Result<Resolver<TokioRuntimeProvider>, ResolverError> {
     let mut builder = if servers.is_empty() {
-        Resolver::builder_tokio()?
+        Resolver::builder_tokio().map_err(ResolverError::SystemConfig)?
     } else {
         let name_servers = servers
             .iter()
@@ -55,7 +67,7 @@ pub fn resolver(servers: &[SocketAddr]) -> anyhow::Result<Resolver<TokioRuntimeP
     builder.options_mut().cache_size = 0;
     builder.options_mut().timeout = Duration::from_secs(2);
     builder.options_mut().attempts = 1;
-    Ok(builder.build()?)
+    builder.build().map_err(ResolverError::Build)
 }
 
 /// Resolves every target every `interval` and reports the address sets to the pool manager

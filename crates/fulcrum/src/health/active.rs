@@ -1,6 +1,5 @@
 //! The active checks: a TCP connect, or an HTTP GET with expected status and body.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,33 +24,36 @@ use crate::wire::proxy_protocol::encode_local;
 const MAX_CHECK_BODY: usize = 64 * 1024;
 
 /// Why a check failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     /// No answer in time.
+    #[error("check timed out after {0:?}")]
     Timeout(Duration),
     /// Connect or I/O failure.
+    #[error("check connect failed: {0}")]
     Io(std::io::Error),
-    /// HTTP-level failure.
-    Http(String),
+    /// The connection could not be set up (connect timeout, TLS, HTTP/2 handshake).
+    #[error("check request failed: {0}")]
+    Connect(ConnectError),
+    /// The `Host` header (the configured `host`) is not a valid header value.
+    #[error("check request failed: {0}")]
+    Host(http::header::InvalidHeaderValue),
+    /// The request could not be built (an invalid `path`).
+    #[error("check request failed: {0}")]
+    Request(http::Error),
+    /// The HTTP exchange failed (handshake, request or response head).
+    #[error("check request failed: {0}")]
+    Exchange(hyper::Error),
+    /// The response body could not be read, or exceeded the bound on what is read.
+    #[error("check request failed: {0}")]
+    ReadBody(Box<dyn std::error::Error + Send + Sync>),
     /// Answered with a status outside the expected range.
+    #[error("check answered status {0}")]
     Status(u16),
     /// The body lacked the expected text.
+    #[error("check body lacks the expected text")]
     Body,
 }
-
-impl fmt::Display for CheckError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CheckError::Timeout(d) => write!(f, "check timed out after {d:?}"),
-            CheckError::Io(e) => write!(f, "check connect failed: {e}"),
-            CheckError::Http(e) => write!(f, "check request failed: {e}"),
-            CheckError::Status(s) => write!(f, "check answered status {s}"),
-            CheckError::Body => write!(f, "check body lacks the expected text"),
-        }
-    }
-}
-
-impl std::error::Error for CheckError {}
 
 /// A configured active check.
 #[derive(Debug, Clone)]
@@ -124,17 +126,17 @@ impl ActiveCheck {
             .map(UpstreamSender::detached)
             .map_err(|e| match e {
                 ConnectError::Io(e) => CheckError::Io(e),
-                e => CheckError::Http(e.to_string()),
+                e => CheckError::Connect(e),
             })?;
         let host = self.host.clone().unwrap_or_else(|| address.to_string());
         let mut request = Request::get(self.path.as_str())
             .header(
                 HOST,
-                HeaderValue::from_str(&host).map_err(|e| CheckError::Http(e.to_string()))?,
+                HeaderValue::from_str(&host).map_err(CheckError::Host)?,
             )
             .header(USER_AGENT, "fulcrum-health-check")
             .body(RequestBody::Empty)
-            .map_err(|e| CheckError::Http(e.to_string()))?;
+            .map_err(CheckError::Request)?;
         if transport.protocol == UpstreamProtocol::Http1 {
             request
                 .headers_mut()
@@ -143,7 +145,7 @@ impl ActiveCheck {
         let response = sender
             .try_send_request(request)
             .await
-            .map_err(|e| CheckError::Http(e.into_error().to_string()))?;
+            .map_err(|e| CheckError::Exchange(e.into_error()))?;
         self.judge(response).await
     }
 
@@ -162,7 +164,7 @@ impl ActiveCheck {
             let body = Limited::new(response.into_body(), MAX_CHECK_BODY)
                 .collect()
                 .await
-                .map_err(|e| CheckError::Http(e.to_string()))?
+                .map_err(CheckError::ReadBody)?
                 .to_bytes();
             if !String::from_utf8_lossy(&body).contains(expected.as_str()) {
                 return Err(CheckError::Body);
@@ -178,23 +180,23 @@ impl ActiveCheck {
         let stream = self.connect(address).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| CheckError::Http(e.to_string()))?;
+            .map_err(CheckError::Exchange)?;
         let driver = tokio::spawn(connection);
         let host = self.host.clone().unwrap_or_else(|| address.to_string());
         let request = Request::get(self.path.as_str())
             .header(
                 HOST,
-                HeaderValue::from_str(&host).map_err(|e| CheckError::Http(e.to_string()))?,
+                HeaderValue::from_str(&host).map_err(CheckError::Host)?,
             )
             .header(USER_AGENT, "fulcrum-health-check")
             .header(CONNECTION, "close")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| CheckError::Http(e.to_string()))?;
+            .map_err(CheckError::Request)?;
         let outcome = async {
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|e| CheckError::Http(e.to_string()))?;
+                .map_err(CheckError::Exchange)?;
             self.judge(response).await
         }
         .await;

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -104,6 +103,17 @@ pub(crate) fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     a == b
 }
 
+/// Why a listener could not start serving its sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// No socket was bound for it.
+    #[error("no listening socket")]
+    NoSocket,
+    /// The address of its bound socket cannot be read.
+    #[error("cannot read the listening socket's address: {0}")]
+    LocalAddr(std::io::Error),
+}
+
 /// Starts serving `sockets` (one per worker) as the listener `name`.
 pub(crate) fn start_listener(
     workers: &Workers,
@@ -113,11 +123,12 @@ pub(crate) fn start_listener(
     proxy: HttpProxy,
     shutdown_timeout: Duration,
     tls: Option<Arc<TlsListener>>,
-) -> Result<ListenerTask> {
+) -> Result<ListenerTask, ListenerError> {
     let address = sockets
         .first()
-        .context("no listening socket")?
-        .local_addr()?;
+        .ok_or(ListenerError::NoSocket)?
+        .local_addr()
+        .map_err(ListenerError::LocalAddr)?;
     let bound = BoundListener {
         name: name.to_string(),
         address,

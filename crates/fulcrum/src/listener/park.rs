@@ -667,13 +667,12 @@ impl<S: ParkStream> AsyncWrite for ParkIo<S> {
 mod tests {
     use super::*;
 
-    fn parse(listener_extra: &str) -> Result<crate::config::Config, String> {
+    fn parse(listener_extra: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
         let text = format!(
             "[listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n{listener_extra}\n\
              [pools.app]\nbackends = [\"127.0.0.1:1\"]\n"
         );
         crate::config::Config::parse(&text, std::path::Path::new("test.toml"))
-            .map_err(|e| e.to_string())
     }
 
     fn settings(listener_extra: &str) -> ParkSettings {
@@ -704,7 +703,7 @@ mod tests {
             ),
             ("keep_alive_timeout = \"soon\"", "invalid duration \"soon\""),
         ] {
-            let error = parse(extra).expect_err(extra);
+            let error = parse(extra).expect_err(extra).to_string();
             assert!(error.contains(rule), "{extra}: {error}");
         }
     }

@@ -18,12 +18,26 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::certs::{load_certified_key, provider};
+use crate::config::certs::{load_certified_key, provider, CertError};
 use crate::config::ListenerTlsConfig;
 use crate::runtime::events::EventLog;
 
 /// How often the certificate and key files of `https` listeners are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a listener's TLS termination could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerTlsError {
+    /// A certificate or key file cannot be loaded (the message names the file).
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The listener's `tls` table lists no certificate.
+    #[error("no certificate configured")]
+    NoCertificate,
+    /// rustls refused the protocol versions or the crypto provider.
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+}
 
 /// The certificates of one listener, indexed by name.
 #[derive(Debug)]
@@ -37,7 +51,7 @@ pub struct CertStore {
 
 impl CertStore {
     /// Loads every certificate of `config`. The first certificate listing a name wins it.
-    pub fn load(config: &ListenerTlsConfig) -> Result<CertStore, String> {
+    pub fn load(config: &ListenerTlsConfig) -> Result<CertStore, ListenerTlsError> {
         let mut store = CertStore {
             certs: Vec::with_capacity(config.certs.len()),
             exact: HashMap::new(),
@@ -60,7 +74,7 @@ impl CertStore {
             store.certs.push(loaded.key);
         }
         if store.certs.is_empty() {
-            return Err("no certificate configured".to_string());
+            return Err(ListenerTlsError::NoCertificate);
         }
         Ok(store)
     }
@@ -127,14 +141,14 @@ impl TlsListener {
         config: &ListenerTlsConfig,
         store: CertStore,
         events: Option<Arc<EventLog>>,
-    ) -> Result<Arc<TlsListener>, String> {
+    ) -> Result<Arc<TlsListener>, ListenerTlsError> {
         let stamps = file_stamps(config);
         let resolver = Arc::new(SniResolver {
             store: ArcSwap::from_pointee(store),
         });
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(ListenerTlsError::Setup)?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

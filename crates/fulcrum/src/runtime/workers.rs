@@ -18,7 +18,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -42,6 +41,17 @@ pub fn worker_slots() -> usize {
 /// The index (below [`worker_slots`]) of the worker running on this thread; 0 elsewhere.
 pub fn current_worker() -> usize {
     WORKER_INDEX.with(Cell::get)
+}
+
+/// Why the worker threads could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    /// A worker's tokio runtime could not be built.
+    #[error("cannot start a worker runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A worker thread could not be spawned.
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The worker threads' runtimes, or none: then listeners are served on the current runtime.
@@ -70,7 +80,7 @@ impl Workers {
 
     /// Starts `count` worker threads, each with a single-threaded runtime. Call once per
     /// process, before any pool is built (the upstream pools size their per-worker queues by it).
-    pub fn start(count: usize) -> Result<Self> {
+    pub fn start(count: usize) -> Result<Self, WorkersError> {
         QUEUES.store(count.max(1), Ordering::Relaxed);
         let mut handles = Vec::with_capacity(count);
         let mut stops = Vec::with_capacity(count);
@@ -78,7 +88,7 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .context("cannot start a worker runtime")?;
+                .map_err(WorkersError::Runtime)?;
             handles.push(runtime.handle().clone());
             let (stop, stopped) = oneshot::channel::<()>();
             stops.push(stop);
@@ -100,7 +110,7 @@ impl Workers {
                     // Tasks still on this runtime are dropped here, on the worker's own thread.
                     drop(runtime);
                 })
-                .context("cannot start a worker thread")?;
+                .map_err(WorkersError::Thread)?;
         }
         Ok(Workers {
             handles,

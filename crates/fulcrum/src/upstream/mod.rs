@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use crate::config::{PoolConfig, UpstreamProtocol};
 use crate::upstream::body::RequestBody;
 use driven::Driven;
+use tls::UpstreamTlsError;
 
 /// What connecting to a backend needs from its pool's settings (implemented by the pool's
 /// settings, so the data path passes what it already holds).
@@ -53,33 +54,24 @@ const MIN_IDLE_PER_WORKER: usize = 64;
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// Why no connection to a backend could be had. Always safe to retry elsewhere: nothing was sent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The TCP connect did not finish within the pool's connect timeout.
+    #[error("connect timed out after {0:?}")]
     Timeout(Duration),
     /// The TCP connect failed (refused, unreachable, ...).
+    #[error("connect failed: {0}")]
     Io(std::io::Error),
     /// The HTTP connection could not be set up.
+    #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
     /// The TLS handshake with the backend failed (certificate not trusted, ...).
+    #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
     /// The pool's TLS settings could not be loaded.
-    Setup(Arc<str>),
+    #[error("upstream TLS unusable: {0}")]
+    Setup(Arc<UpstreamTlsError>),
 }
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnectError::Timeout(d) => write!(f, "connect timed out after {d:?}"),
-            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
-            ConnectError::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
-            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
-            ConnectError::Setup(e) => write!(f, "upstream TLS unusable: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ConnectError {}
 
 /// How a pool connects to its backends: HTTP version and TLS. Shared by the pool's
 /// settings; equal when the configuration that made it is equal.
@@ -87,7 +79,7 @@ pub struct UpstreamTransport {
     /// HTTP/1.1 or HTTP/2.
     pub protocol: UpstreamProtocol,
     /// TLS client settings, when the pool uses TLS; `Err` when they could not be loaded.
-    pub tls: Option<Result<UpstreamTls, Arc<str>>>,
+    pub tls: Option<Result<UpstreamTls, Arc<UpstreamTlsError>>>,
     /// What this was built from, for equality.
     source: (bool, Option<std::path::PathBuf>, Option<String>, bool),
 }
@@ -119,7 +111,7 @@ impl UpstreamTransport {
             let client =
                 crate::upstream::tls::client_config(ca, config.verify, alpn).map_err(|e| {
                     tracing::error!(error = %e, "upstream TLS settings cannot be loaded");
-                    Arc::<str>::from(e)
+                    Arc::new(e)
                 })?;
             let sni = config
                 .sni

@@ -9,7 +9,18 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::certs::{load_roots, provider};
+use crate::config::certs::{load_roots, provider, CaError};
+
+/// Why a pool's upstream TLS client settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    /// rustls refused the protocol versions or the crypto provider.
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+    /// The pool's CA file cannot be loaded.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
 
 /// A rustls client config for connecting to backends: trusting the CA file `ca` (else the
 /// webpki roots), or nothing at all when `verify` is false; ALPN `alpn`.
@@ -17,11 +28,11 @@ pub fn client_config(
     ca: Option<&Path>,
     verify: bool,
     alpn: &[u8],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, UpstreamTlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(UpstreamTlsError::Setup)?;
     let mut config = if verify {
         let roots = match ca {
             Some(path) => load_roots(path)?,

@@ -3,7 +3,6 @@
 //! [`encode_v1`] / [`encode_v2`] write one for backends; [`read_header`] reads one from a
 //! front load balancer, byte-exact, leaving the stream positioned at the payload.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -30,24 +29,15 @@ pub struct ProxiedAddresses {
 }
 
 /// Why a PROXY header could not be read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProxyHeaderError {
     /// The connection failed or closed before a complete header arrived.
+    #[error("reading PROXY protocol header: {0}")]
     Io(std::io::Error),
     /// The bytes are not a valid PROXY header.
+    #[error("malformed PROXY protocol header: {0}")]
     Malformed(String),
 }
-
-impl fmt::Display for ProxyHeaderError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProxyHeaderError::Io(e) => write!(f, "reading PROXY protocol header: {e}"),
-            ProxyHeaderError::Malformed(why) => write!(f, "malformed PROXY protocol header: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for ProxyHeaderError {}
 
 impl From<std::io::Error> for ProxyHeaderError {
     fn from(error: std::io::Error) -> Self {

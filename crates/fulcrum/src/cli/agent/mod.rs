@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use axum::extract::State as AxumState;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -31,6 +30,59 @@ pub use verdict::{decide, Figures, State, Thresholds, Verdict};
 
 /// How long the agent waits for a client to take its line.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the agent could not start: a bad option, or a listener or the system figures that
+/// cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A percentage option is outside 0-100.
+    #[error("--{option} must be a percentage from 0 to 100, got {value}")]
+    Percentage {
+        /// The option, without its dashes.
+        option: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// `--max-weight` is outside 1-100.
+    #[error("--max-weight must be from 1 to 100, got {0}")]
+    MaxWeight(u8),
+    /// `--min-weight` is above `--max-weight`.
+    #[error("--min-weight ({min}) must not exceed --max-weight ({max})")]
+    MinAboveMax {
+        /// `--min-weight`.
+        min: u8,
+        /// `--max-weight`.
+        max: u8,
+    },
+    /// `--sample-interval` is shorter than CPU use can be measured over.
+    #[error("--sample-interval must be at least {0:?}")]
+    SampleInterval(Duration),
+    /// `--check-interval` or `--check-timeout` is zero.
+    #[error("--check-interval and --check-timeout must be above zero")]
+    CheckTiming,
+    /// CPU and memory figures cannot be read on this system.
+    #[error("cannot read system figures: {0}")]
+    System(sysinfo::Error),
+    /// `--disk-path` does not exist or cannot be resolved.
+    #[error("--disk-path {}: {error}", .path.display())]
+    DiskPath {
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be resolved.
+        error: std::io::Error,
+    },
+    /// A listen address cannot be bound.
+    #[error("cannot listen on {address}: {error}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// Why binding failed.
+        error: std::io::Error,
+    },
+    /// The address of a bound socket cannot be read.
+    #[error("cannot read a listening address: {0}")]
+    LocalAddr(std::io::Error),
+}
 
 /// The options of `fulcrum agent`.
 #[derive(Debug, Clone, clap::Args)]
@@ -89,10 +141,10 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     /// The thresholds, validated.
-    pub fn thresholds(&self) -> Result<Thresholds> {
-        let percent = |name: &str, value: f64| -> Result<()> {
+    pub fn thresholds(&self) -> Result<Thresholds, AgentError> {
+        let percent = |option: &'static str, value: f64| {
             if !(0.0..=100.0).contains(&value) {
-                bail!("--{name} must be a percentage from 0 to 100, got {value}");
+                return Err(AgentError::Percentage { option, value });
             }
             Ok(())
         };
@@ -101,26 +153,21 @@ impl AgentArgs {
         percent("mem-drain", self.mem_drain)?;
         percent("disk-drain", self.disk_drain)?;
         if self.max_weight == 0 || self.max_weight > 100 {
-            bail!(
-                "--max-weight must be from 1 to 100, got {}",
-                self.max_weight
-            );
+            return Err(AgentError::MaxWeight(self.max_weight));
         }
         if self.min_weight > self.max_weight {
-            bail!(
-                "--min-weight ({}) must not exceed --max-weight ({})",
-                self.min_weight,
-                self.max_weight
-            );
+            return Err(AgentError::MinAboveMax {
+                min: self.min_weight,
+                max: self.max_weight,
+            });
         }
         if self.sample_interval < sysinfo::MINIMUM_CPU_UPDATE_INTERVAL {
-            bail!(
-                "--sample-interval must be at least {:?}",
-                sysinfo::MINIMUM_CPU_UPDATE_INTERVAL
-            );
+            return Err(AgentError::SampleInterval(
+                sysinfo::MINIMUM_CPU_UPDATE_INTERVAL,
+            ));
         }
         if self.check_interval.is_zero() || self.check_timeout.is_zero() {
-            bail!("--check-interval and --check-timeout must be above zero");
+            return Err(AgentError::CheckTiming);
         }
         Ok(Thresholds {
             cpu_weight_from: self.cpu_weight_from,
@@ -185,11 +232,14 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(disk_path: &Path) -> Result<Sampler> {
-        let system = sysinfo::System::new().context("cannot read system figures")?;
+    fn new(disk_path: &Path) -> Result<Sampler, AgentError> {
+        let system = sysinfo::System::new().map_err(AgentError::System)?;
         let disk_path = disk_path
             .canonicalize()
-            .with_context(|| format!("--disk-path {}", disk_path.display()))?;
+            .map_err(|error| AgentError::DiskPath {
+                path: disk_path.to_path_buf(),
+                error,
+            })?;
         let disks = sysinfo::Disks::new_with_refreshed_list().ok();
         Ok(Sampler {
             system,
@@ -249,7 +299,7 @@ async fn run_check_command(command: &str, timeout: Duration) -> Option<String> {
 
 /// Starts the agent: a first sample (and check command run) is taken before the listeners
 /// answer, so the first answer is already meaningful. Runs until the runtime stops.
-pub async fn start(args: &AgentArgs) -> Result<AgentAddresses> {
+pub async fn start(args: &AgentArgs) -> Result<AgentAddresses, AgentError> {
     let thresholds = args.thresholds()?;
     let mut sampler = Sampler::new(&args.disk_path)?;
     sampler.sample();
@@ -278,16 +328,10 @@ pub async fn start(args: &AgentArgs) -> Result<AgentAddresses> {
         check_command: args.check_command.clone(),
     });
 
-    let agent_listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let agent = agent_listener.local_addr()?;
+    let (agent_listener, agent) = bind(args.listen).await?;
     let http = match args.http_listen {
         Some(address) => {
-            let listener = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen on {address}"))?;
-            let local = listener.local_addr()?;
+            let (listener, local) = bind(address).await?;
             let app = Router::new()
                 .route("/status", get(status))
                 .with_state(shared.clone());
@@ -319,6 +363,15 @@ pub async fn start(args: &AgentArgs) -> Result<AgentAddresses> {
         "agent ready"
     );
     Ok(AgentAddresses { agent, http })
+}
+
+/// Binds `address`; returns the listener and the address it got.
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), AgentError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|error| AgentError::Listen { address, error })?;
+    let local = listener.local_addr().map_err(AgentError::LocalAddr)?;
+    Ok((listener, local))
 }
 
 /// Samples every `interval`; logs every change of state.
@@ -416,4 +469,52 @@ async fn status(AxumState(shared): AxumState<Arc<Shared>>) -> Json<Status> {
         reason: verdict.reason.clone(),
         line: verdict.line().trim_end().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn thresholds(extra: &[&str]) -> Result<Thresholds, AgentError> {
+        let words = ["agent", "--listen", "127.0.0.1:0"].iter().chain(extra);
+        Cli::try_parse_from(words).unwrap().args.thresholds()
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_the_option_and_the_value() {
+        assert!(thresholds(&[]).is_ok());
+        for (extra, message) in [
+            (
+                &["--cpu-weight-from", "150"][..],
+                "--cpu-weight-from must be a percentage from 0 to 100, got 150",
+            ),
+            (
+                &["--disk-drain=-1"],
+                "--disk-drain must be a percentage from 0 to 100, got -1",
+            ),
+            (
+                &["--max-weight", "0"],
+                "--max-weight must be from 1 to 100, got 0",
+            ),
+            (
+                &["--min-weight", "60", "--max-weight", "50"],
+                "--min-weight (60) must not exceed --max-weight (50)",
+            ),
+            (
+                &["--check-timeout", "0s"],
+                "--check-interval and --check-timeout must be above zero",
+            ),
+        ] {
+            let error = thresholds(extra).expect_err(message);
+            assert_eq!(error.to_string(), message);
+        }
+    }
 }

@@ -266,18 +266,36 @@ pub fn router(server: Arc<Server>, token: Option<String>) -> Router {
         .with_state(server)
 }
 
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Its address cannot be bound.
+    #[error("cannot listen on {address} for the admin API: {error}")]
+    Listen {
+        /// The admin listen address.
+        address: SocketAddr,
+        /// Why binding failed.
+        error: std::io::Error,
+    },
+    /// The address of the bound socket cannot be read.
+    #[error("cannot read the admin API's listening address: {0}")]
+    LocalAddr(std::io::Error),
+}
+
 /// Binds the admin listener; serving runs in a background task until `stop` turns true.
 pub async fn start(
     listen: SocketAddr,
     token: Option<String>,
     server: Arc<Server>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
-    use anyhow::Context;
+) -> Result<SocketAddr, AdminError> {
     let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {listen} for the admin API"))?;
-    let address = listener.local_addr()?;
+        .map_err(|error| AdminError::Listen {
+            address: listen,
+            error,
+        })?;
+    let address = listener.local_addr().map_err(AdminError::LocalAddr)?;
     let app = router(server, token);
     tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move {
