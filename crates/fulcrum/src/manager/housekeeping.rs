@@ -13,13 +13,12 @@ use crate::runtime::clock::now_ns;
 
 /// How often the manager looks at draining backends and changed effective weights, and
 /// refills the retry budget.
-pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
+pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Idle upstream connections are checked every this many housekeeping ticks...
 const SWEEP_IDLE_EVERY_TICKS: u32 = 4;
 /// ...that is every second; a connection used within the last second is not polled.
-pub const SWEEP_IDLE_INTERVAL: Duration =
-    HOUSEKEEPING_INTERVAL.saturating_mul(SWEEP_IDLE_EVERY_TICKS);
+const SWEEP_IDLE_INTERVAL: Duration = HOUSEKEEPING_INTERVAL.saturating_mul(SWEEP_IDLE_EVERY_TICKS);
 
 /// The retry budget counts requests and retries over this many housekeeping ticks (10 s).
 const RETRY_WINDOW_TICKS: usize = 40;
@@ -157,74 +156,8 @@ mod tests {
     //! Time-driven: the manager's real loop on tokio's paused clock (time jumps to the next
     //! timer whenever every task waits).
 
-    use std::net::SocketAddr;
-    use std::path::Path;
-    use std::sync::Arc;
-
-    use tokio::sync::watch;
-    use tokio::task::JoinHandle;
-
     use super::*;
-    use crate::config::{Config, PoolConfig};
-    use crate::pool::{Pool, PoolHandle};
-    use crate::runtime::events::EventLog;
-
-    const A: SocketAddr =
-        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9001);
-
-    fn pool_config(extra: &str) -> PoolConfig {
-        let text = format!(
-            "[listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n{extra}\n"
-        );
-        let mut config = Config::parse(&text, Path::new("test.toml")).unwrap();
-        config.pools.remove("app").unwrap()
-    }
-
-    /// A running manager of pool `app`.
-    struct Running {
-        handle: PoolHandle,
-        events: Arc<EventLog>,
-        stop: watch::Sender<bool>,
-        task: JoinHandle<PoolManager>,
-    }
-
-    impl Running {
-        fn start(config: &PoolConfig) -> Running {
-            let events = Arc::new(EventLog::default());
-            let pool = Pool::from_config("app", config);
-            let (manager, handle, commands) = PoolManager::new(pool, config, events.clone());
-            let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(manager.run(commands, stopped));
-            Running {
-                handle,
-                events,
-                stop,
-                task,
-            }
-        }
-
-        fn retiring(&self) -> Vec<SocketAddr> {
-            let snapshot = self.handle.pool.snapshot();
-            snapshot.retiring.iter().map(|b| b.address).collect()
-        }
-
-        fn member(&self, address: SocketAddr) -> Backend {
-            let snapshot = self.handle.pool.snapshot();
-            let backend = snapshot.backends.iter().find(|b| b.address == address);
-            backend.unwrap().clone()
-        }
-
-        fn recorded(&self, text: &str) -> bool {
-            let events = self.events.recent(1000);
-            events.iter().any(|e| e.message.contains(text))
-        }
-
-        /// Stops the loop; the manager as it ended.
-        async fn stop(self) -> PoolManager {
-            let _ = self.stop.send(true);
-            self.task.await.unwrap()
-        }
-    }
+    use crate::manager::test_support::{pool_config, Running, A};
 
     #[tokio::test(start_paused = true)]
     async fn a_draining_backend_is_dropped_at_the_drain_timeout_and_not_before() {

@@ -2,9 +2,9 @@
 //! reload, discovery and the autoscaler send it [`PoolCommand`]s; it validates, applies,
 //! publishes a new snapshot, and records an event for every change.
 //!
-//! By job: this module spawns the task and runs its loop; [`commands`] applies the admin and
+//! By job: this module spawns the task and runs its loop; `commands` applies the admin and
 //! discovery commands; [`reconcile`] applies a reloaded pool config (the per-backend rule is
-//! the pure [`reconcile::backend_changes`]); [`housekeeping`] runs the 250 ms tick (drain
+//! the pure [`reconcile::backend_changes`]); `housekeeping` runs the 250 ms tick (drain
 //! deadlines, the retry budget's window, slow start, the idle sweep).
 
 use std::collections::HashMap;
@@ -20,8 +20,10 @@ use crate::pool::{Backend, Pool, PoolCommand, PoolHandle, PoolSettings, PoolSnap
 use crate::runtime::events::EventLog;
 
 mod commands;
-pub mod housekeeping;
+mod housekeeping;
 pub mod reconcile;
+#[cfg(test)]
+mod test_support;
 
 use commands::DnsSettings;
 use housekeeping::{Retiring, RetryWindow, HOUSEKEEPING_INTERVAL};

@@ -215,6 +215,7 @@ impl PoolManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::test_support::{pool_config, pool_config_with, Running, A, B};
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
@@ -298,5 +299,45 @@ mod tests {
                 removed: vec![addr(3)],
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_manager_applies_the_rule_to_its_members() {
+        let running = Running::start(&pool_config(""));
+        // Through the API: A's weight, and a backend the file never listed.
+        running.handle.update(A, Some(5), None).await.unwrap();
+        running.handle.add(addr(9009), 2).await.unwrap();
+        // A reload changing B's entry only.
+        let b_changed = "\"127.0.0.1:9001\", { address = \"127.0.0.1:9002\", weight = 3 }";
+        running
+            .handle
+            .reconfigure(pool_config_with(b_changed, ""))
+            .await
+            .unwrap();
+        assert_eq!(
+            running.member(A).configured_weight(),
+            5,
+            "the API weight was lost"
+        );
+        assert_eq!(
+            running.member(B).configured_weight(),
+            3,
+            "the file's change was lost"
+        );
+        assert_eq!(running.member(addr(9009)).configured_weight(), 2);
+        // A reload dropping A from the file: A goes, the API's backend stays.
+        let a_gone = "{ address = \"127.0.0.1:9002\", weight = 3 }";
+        running
+            .handle
+            .reconfigure(pool_config_with(a_gone, ""))
+            .await
+            .unwrap();
+        assert!(
+            running.find(A).is_none(),
+            "still a member after leaving the file"
+        );
+        assert!(running.find(addr(9009)).is_some());
+        assert!(running.recorded("backend 127.0.0.1:9001 removed"));
+        running.stop().await;
     }
 }
