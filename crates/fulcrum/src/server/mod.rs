@@ -521,3 +521,79 @@ impl Server {
         tracing::info!("shutdown complete");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with listeners `web` and `extra` (at `extra`) on pool `app` (`algorithm`).
+    fn config_text(extra: &str, algorithm: &str) -> String {
+        format!(
+            "[server]\nruntime = \"work_stealing\"\n\n\
+             [listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n\n\
+             [listeners.extra]\nlisten = \"{extra}\"\npool = \"app\"\n\n\
+             [pools.app]\nalgorithm = \"{algorithm}\"\nbackends = [\"127.0.0.1:9001\"]\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_cannot_bind_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fulcrum.toml");
+        std::fs::write(&path, config_text("127.0.0.1:0", "round_robin")).unwrap();
+        let config = Config::load(&path).unwrap();
+        let server = Server::start(config, Some(path.clone()), None)
+            .await
+            .unwrap();
+        let addresses = |listeners: Vec<BoundListener>| {
+            let mut addresses: Vec<_> = listeners.iter().map(|l| l.address).collect();
+            addresses.sort();
+            addresses
+        };
+        let bound = addresses(server.listeners().await);
+        let algorithm = || server.pools()["app"].pool.snapshot().settings.algorithm;
+        let before = algorithm();
+
+        // The pool changes too, but 192.0.2.1 (TEST-NET-1) is not ours to bind: refused whole.
+        std::fs::write(&path, config_text("192.0.2.1:80", "least_conn")).unwrap();
+        let error = server.reload().await.unwrap_err();
+        assert!(
+            matches!(&error, ServerError::Bind { listener, .. } if listener == "extra"),
+            "{error:#}"
+        );
+        let message = format!("{error:#}");
+        assert!(
+            message.starts_with("cannot listen on 192.0.2.1:80 for listener `extra`: "),
+            "{message}"
+        );
+        assert!(algorithm() == before, "the pool was reconfigured");
+        assert_eq!(addresses(server.listeners().await), bound);
+        assert_eq!(server.reloads.refused.load(Ordering::Relaxed), 1);
+        assert!(server
+            .events()
+            .recent(10)
+            .iter()
+            .any(|e| e.kind == "reload_failed"));
+
+        // The same change with an address that binds applies.
+        std::fs::write(&path, config_text("127.0.0.1:0", "least_conn")).unwrap();
+        let report = server.reload().await.unwrap();
+        assert_eq!(report.to_string(), "pools updated: app");
+        assert!(algorithm() != before);
+        assert_eq!(addresses(server.listeners().await), bound);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_without_a_config_file_is_refused() {
+        let config = Config::parse(
+            &config_text("127.0.0.1:0", "round_robin"),
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let server = Server::start(config, None, None).await.unwrap();
+        let error = server.reload().await.unwrap_err();
+        assert!(matches!(error, ServerError::NoConfigFile), "{error}");
+        server.shutdown().await;
+    }
+}
