@@ -7,20 +7,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Mutex};
 
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
-use crate::config::{Config, ListenerProtocol, RuntimeShape};
+use crate::config::{Config, ListenerConfig, ListenerProtocol, RuntimeShape};
 use crate::listener::tls::{CertStore, TlsListener};
-use crate::listener::{bind, same_listener, start_listener, ListenerTask};
+use crate::listener::{bind, start_listener, ListenerTask};
 pub use crate::listener::{BoundListener, ListenerStats};
 use crate::manager::PoolManager;
 use crate::pool::{Pool, PoolHandle};
 use crate::proxy::http::HttpProxy;
 use crate::runtime::events::EventLog;
 use crate::runtime::workers::Workers;
+
+mod error;
+pub mod plan;
+
+pub use error::{Cause, ServerError};
+pub use plan::ReloadPlan;
 
 /// What changes only on reload, behind one async mutex so reloads apply one at a time.
 struct Running {
@@ -51,6 +56,21 @@ pub struct Server {
     workers_override: Option<usize>,
 }
 
+/// What a reload prepares before changing anything: the listeners it starts, and the
+/// certificates re-read for the TLS listeners it keeps.
+struct Prepared {
+    to_start: Vec<ToStart>,
+    certs: BTreeMap<String, CertStore>,
+}
+
+/// A listener to start: its sockets bound and its TLS ready.
+struct ToStart {
+    name: String,
+    config: ListenerConfig,
+    sockets: Vec<std::net::TcpListener>,
+    tls: Option<Arc<TlsListener>>,
+}
+
 /// Reload outcomes since start.
 #[derive(Debug, Default)]
 pub struct ReloadCounters {
@@ -75,6 +95,10 @@ pub struct ReloadReport {
     pub pools_updated: Vec<String>,
     /// Pools dropped.
     pub pools_removed: Vec<String>,
+    /// Changed settings that apply at start only (in the log and the event; not in the API's
+    /// JSON, whose shape is fixed).
+    #[serde(skip)]
+    pub restart_required: Vec<String>,
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -87,6 +111,7 @@ impl std::fmt::Display for ReloadReport {
             ("pools added", &self.pools_added),
             ("pools updated", &self.pools_updated),
             ("pools removed", &self.pools_removed),
+            ("restart required for", &self.restart_required),
         ]
         .iter()
         .filter(|(_, names)| !names.is_empty())
@@ -119,12 +144,14 @@ impl Server {
         mut config: Config,
         config_path: Option<PathBuf>,
         workers_override: Option<usize>,
-    ) -> Result<Arc<Server>> {
+    ) -> Result<Arc<Server>, ServerError> {
         if let Some(workers) = workers_override {
             config.server.workers = workers;
         }
         let workers = match (config.server.runtime, config.server.worker_count()) {
-            (RuntimeShape::PerCore, count) if count > 1 => Workers::start(count)?,
+            (RuntimeShape::PerCore, count) if count > 1 => {
+                Workers::start(count).map_err(|error| ServerError::Workers(error.into()))?
+            }
             _ => Workers::inline(),
         };
         tracing::info!(workers = config.server.worker_count(), runtime = %config.server.runtime, "starting");
@@ -183,13 +210,13 @@ impl Server {
 
     /// Re-reads the config file and applies it. A bad file changes nothing: the error (with
     /// `file:line:column`) is returned, logged and recorded as an event.
-    pub async fn reload(&self) -> Result<ReloadReport> {
+    pub async fn reload(&self) -> Result<ReloadReport, ServerError> {
         let Some(path) = &self.config_path else {
-            anyhow::bail!("no configuration file to reload (started without --config)");
+            return Err(ServerError::NoConfigFile);
         };
         let outcome = match Config::load(path) {
             Ok(config) => self.apply(config).await,
-            Err(error) => Err(anyhow::Error::new(error)),
+            Err(error) => Err(ServerError::Config(error)),
         };
         match &outcome {
             Ok(report) => {
@@ -211,115 +238,56 @@ impl Server {
         outcome
     }
 
-    /// Makes the running state match `config`: pools first (new ones created, existing ones
-    /// reconfigured), then listeners (new ones bound before changed ones are closed, so a
-    /// changed listener never refuses a connection).
-    async fn apply(&self, mut config: Config) -> Result<ReloadReport> {
+    /// Makes the running state match `config` by carrying out [`plan::plan`]: first what can
+    /// fail (the listeners' pools, certificates and sockets; a failure changes nothing), then
+    /// the pools (new ones created, changed ones reconfigured), the autoscalers, and the
+    /// listeners (new ones started before changed ones are closed, so a changed listener
+    /// never refuses a connection).
+    async fn apply(&self, mut config: Config) -> Result<ReloadReport, ServerError> {
         if let Some(workers) = self.workers_override {
             config.server.workers = workers;
         }
         let mut running = self.running.lock().await;
-        let mut report = ReloadReport {
-            listeners_added: vec![],
-            listeners_removed: vec![],
-            listeners_changed: vec![],
-            pools_added: vec![],
-            pools_updated: vec![],
-            pools_removed: vec![],
-        };
-        let (old, new) = (&running.config.server, &config.server);
-        if !running.config.listeners.is_empty()
-            && (old.worker_count(), old.runtime) != (new.worker_count(), new.runtime)
-        {
+        // The listeners as they run (the same as the config in force's, unless a reload failed
+        // half-way in starting them).
+        let mut current = running.config.clone();
+        current.listeners = running
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), l.config.clone()))
+            .collect();
+        let plan = plan::plan(&current, &config);
+        if !plan.restart_required.is_empty() {
             tracing::warn!(
-                workers = new.worker_count(),
-                runtime = %new.runtime,
-                "[server] workers and runtime apply at start only: restart to change them"
+                settings = %plan.restart_required.join(", "),
+                workers = config.server.worker_count(),
+                runtime = %config.server.runtime,
+                "these settings apply at start only: restart to change them"
             );
         }
-        // Bind every new or changed listener first: if one fails, nothing changes.
-        let mut to_start = Vec::new();
-        // Certificates are (re)loaded now too, so a bad file refuses the whole reload.
-        let mut certs = BTreeMap::new();
-        for (name, listener) in &config.listeners {
-            if let (ListenerProtocol::Https, Some(tls)) = (&listener.protocol, &listener.tls) {
-                let store = CertStore::load(tls)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("listener `{name}`"))?;
-                certs.insert(name.clone(), store);
-            }
-            let unchanged = running
-                .listeners
-                .get(name)
-                .is_some_and(|old| same_listener(&old.config, listener));
-            if !unchanged {
-                let sockets = bind(listener.listen.0, self.workers.sockets_per_listener())
-                    .with_context(|| {
-                        format!(
-                            "cannot listen on {} for listener `{name}`",
-                            listener.listen.0
-                        )
-                    })?;
-                to_start.push((name.clone(), listener.clone(), sockets));
-            }
-        }
-        let old_pools = self.pools.load_full();
-        let mut pools = BTreeMap::new();
-        for (name, pool_config) in &config.pools {
-            match old_pools.get(name) {
-                Some(handle) => {
-                    if running.config.pools.get(name) != Some(pool_config) {
-                        handle
-                            .reconfigure(pool_config.clone())
-                            .await
-                            .with_context(|| format!("pool `{name}`"))?;
-                        report.pools_updated.push(name.clone());
-                    }
-                    pools.insert(name.clone(), handle.clone());
-                }
-                None => {
-                    let pool = Pool::from_config(name, pool_config);
-                    let handle = PoolManager::spawn(
-                        pool,
-                        pool_config,
-                        self.events.clone(),
-                        self.stop_managers.subscribe(),
-                    );
-                    pools.insert(name.clone(), handle);
-                    if !running.config.pools.is_empty() {
-                        report.pools_added.push(name.clone());
-                    }
-                }
-            }
-        }
-        report.pools_removed = old_pools
-            .keys()
-            .filter(|n| !pools.contains_key(*n))
-            .cloned()
-            .collect();
-        self.pools.store(Arc::new(pools));
-        let pools = self.pools.load_full();
-        self.apply_autoscale(&mut running, &config, &pools);
+        let Prepared {
+            to_start,
+            mut certs,
+        } = self.prepare_listeners(&plan, &config)?;
+        let pools = self.apply_pools(&plan, &config).await?;
+        self.apply_autoscale(&mut running, &plan, &config, &pools);
 
-        for (name, listener_config, sockets) in to_start {
+        for ToStart {
+            name,
+            config: listener_config,
+            sockets,
+            tls,
+        } in to_start
+        {
             let tunnel_idle_timeout = listener_config.idle_timeout.0;
+            let pool_name = listener_config.pool.get_ref();
             let pool = pools
-                .get(listener_config.pool.get_ref())
+                .get(pool_name)
                 .map(|h| h.pool.clone())
-                .with_context(|| {
-                    format!(
-                        "listener `{name}` uses undefined pool `{}`",
-                        listener_config.pool.get_ref()
-                    )
+                .ok_or_else(|| ServerError::UndefinedPool {
+                    listener: name.clone(),
+                    pool: pool_name.clone(),
                 })?;
-            let tls = match (certs.remove(&name), &listener_config.tls) {
-                (Some(store), Some(tls)) => Some(
-                    TlsListener::new(&name, tls, store, Some(self.events.clone()))
-                        .map_err(anyhow::Error::msg)
-                        .with_context(|| format!("listener `{name}`"))?,
-                ),
-                _ => None,
-            };
             let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
                 .with_tls(tls.is_some());
             let task = start_listener(
@@ -330,31 +298,26 @@ impl Server {
                 proxy.with_tunnel_idle_timeout(tunnel_idle_timeout),
                 self.shutdown_timeout,
                 tls,
-            )?;
+            )
+            .map_err(|error| ServerError::Listener {
+                listener: name.clone(),
+                source: error.into(),
+            })?;
             tracing::info!(listener = %name, address = %task.bound.address, pool = %task.bound.pool, "listening");
-            if let Some(old) = running.listeners.insert(name.clone(), task) {
-                report.listeners_changed.push(name.clone());
+            if let Some(old) = running.listeners.insert(name, task) {
                 old.close();
-            } else if !running.config.listeners.is_empty() {
-                report.listeners_added.push(name.clone());
             }
         }
-        let removed: Vec<String> = running
-            .listeners
-            .keys()
-            .filter(|n| !config.listeners.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in removed {
-            if let Some(old) = running.listeners.remove(&name) {
+        for name in &plan.listeners.close {
+            if let Some(old) = running.listeners.remove(name) {
                 tracing::info!(listener = %name, "listener removed by reload; draining its connections");
                 old.close();
-                report.listeners_removed.push(name);
             }
         }
         // Listeners kept as they were serve their freshly loaded certificates from now on.
-        for (name, store) in certs {
-            if let Some(tls) = running.listeners.get(&name).and_then(|l| l.tls.as_ref()) {
+        for name in &plan.listeners.keep {
+            let tls = running.listeners.get(name).and_then(|l| l.tls.as_ref());
+            if let (Some(tls), Some(store)) = (tls, certs.remove(name)) {
                 tls.install(store);
             }
         }
@@ -366,42 +329,156 @@ impl Server {
                 .map(|(name, l)| (name.clone(), l.stats.clone()))
                 .collect(),
         ));
-        Ok(report)
+        Ok(plan.report())
     }
 
-    /// Starts, updates and stops the pools' autoscalers to match `config`.
+    /// Everything about the listeners that can fail, before anything changes: each listener
+    /// to bind names a defined pool, every TLS listener's certificates load (kept listeners'
+    /// too, so a bad file refuses the whole reload), and the new and changed listeners' sockets
+    /// bind.
+    fn prepare_listeners(
+        &self,
+        plan: &ReloadPlan,
+        config: &Config,
+    ) -> Result<Prepared, ServerError> {
+        let to_bind = plan.listeners.to_bind();
+        for name in &to_bind {
+            let pool = config.listeners[*name].pool.get_ref();
+            if !config.pools.contains_key(pool) {
+                return Err(ServerError::UndefinedPool {
+                    listener: name.to_string(),
+                    pool: pool.clone(),
+                });
+            }
+        }
+        let mut certs = BTreeMap::new();
+        for (name, listener) in &config.listeners {
+            if let (ListenerProtocol::Https, Some(tls)) = (&listener.protocol, &listener.tls) {
+                let store = CertStore::load(tls).map_err(|error| ServerError::Certificates {
+                    listener: name.clone(),
+                    source: error.into(),
+                })?;
+                certs.insert(name.clone(), store);
+            }
+        }
+        let mut to_start = Vec::new();
+        for name in to_bind {
+            let listener = &config.listeners[name];
+            let tls = match (certs.remove(name), &listener.tls) {
+                (Some(store), Some(tls)) => Some(
+                    TlsListener::new(name, tls, store, Some(self.events.clone())).map_err(
+                        |error| ServerError::Certificates {
+                            listener: name.to_string(),
+                            source: error.into(),
+                        },
+                    )?,
+                ),
+                _ => None,
+            };
+            let address = listener.listen.0;
+            let sockets = bind(address, self.workers.sockets_per_listener()).map_err(|error| {
+                ServerError::Bind {
+                    listener: name.to_string(),
+                    address,
+                    source: error.into(),
+                }
+            })?;
+            to_start.push(ToStart {
+                name: name.to_string(),
+                config: listener.clone(),
+                sockets,
+                tls,
+            });
+        }
+        Ok(Prepared { to_start, certs })
+    }
+
+    /// Creates, reconfigures and drops pools as `plan` says; returns the new pool map (also
+    /// published).
+    async fn apply_pools(
+        &self,
+        plan: &ReloadPlan,
+        config: &Config,
+    ) -> Result<Arc<BTreeMap<String, PoolHandle>>, ServerError> {
+        let old_pools = self.pools.load_full();
+        let mut pools = BTreeMap::new();
+        for name in &plan.pools.keep {
+            if let Some(handle) = old_pools.get(name) {
+                pools.insert(name.clone(), handle.clone());
+            }
+        }
+        for (name, _) in &plan.pools.reconfigure {
+            if let Some(handle) = old_pools.get(name) {
+                handle
+                    .reconfigure(config.pools[name].clone())
+                    .await
+                    .map_err(|source| ServerError::PoolStopped {
+                        pool: name.clone(),
+                        source,
+                    })?;
+                pools.insert(name.clone(), handle.clone());
+            }
+        }
+        // Created: the new ones (and, defensively, any the plan keeps but that is not running).
+        for (name, pool_config) in &config.pools {
+            if !pools.contains_key(name) {
+                let pool = Pool::from_config(name, pool_config);
+                let handle = PoolManager::spawn(
+                    pool,
+                    pool_config,
+                    self.events.clone(),
+                    self.stop_managers.subscribe(),
+                );
+                pools.insert(name.clone(), handle);
+            }
+        }
+        let pools = Arc::new(pools);
+        self.pools.store(pools.clone());
+        Ok(pools)
+    }
+
+    /// Starts, updates and stops the pools' autoscalers as `plan` says.
     fn apply_autoscale(
         &self,
         running: &mut Running,
+        plan: &ReloadPlan,
         config: &Config,
         pools: &BTreeMap<String, PoolHandle>,
     ) {
-        let mut old = std::mem::take(&mut running.autoscalers);
-        for (name, pool_config) in &config.pools {
-            let (Some(autoscale), Some(pool)) = (&pool_config.autoscale, pools.get(name)) else {
+        let autoscaling = |name: &str| {
+            let pool_config = config.pools.get(name)?;
+            let autoscale = pool_config.autoscale.as_ref()?.get_ref().clone();
+            Some((autoscale, pool_config.health.clone(), pools.get(name)?))
+        };
+        for name in plan
+            .autoscalers
+            .start
+            .iter()
+            .chain(&plan.autoscalers.update)
+        {
+            let Some((autoscale, health, pool)) = autoscaling(name) else {
                 continue;
             };
-            let autoscale = autoscale.get_ref().clone();
-            let handle = match old.remove(name) {
-                Some(handle) => {
-                    handle.update(autoscale, pool_config.health.clone());
-                    handle
+            match running.autoscalers.get(name) {
+                Some(handle) => handle.update(autoscale, health),
+                None => {
+                    let handle = AutoscalerHandle::spawn(
+                        pool.clone(),
+                        autoscale,
+                        health,
+                        self.events.clone(),
+                    );
+                    running.autoscalers.insert(name.clone(), handle);
                 }
-                None => AutoscalerHandle::spawn(
-                    pool.clone(),
-                    autoscale,
-                    pool_config.health.clone(),
-                    self.events.clone(),
-                ),
-            };
-            running.autoscalers.insert(name.clone(), handle);
+            }
         }
-        for (name, handle) in old {
+        for stop in &plan.autoscalers.stop {
             // Autoscaling turned off: its backends drain out of the pool and stop. Pool
             // removed: nothing routes there any more, so its processes just stop.
-            let release = pools.contains_key(&name);
-            tracing::info!(pool = %name, "autoscaling removed by reload");
-            tokio::spawn(handle.stop(release));
+            if let Some(handle) = running.autoscalers.remove(&stop.pool) {
+                tracing::info!(pool = %stop.pool, "autoscaling removed by reload");
+                tokio::spawn(handle.stop(stop.release));
+            }
         }
         self.autoscale_stats.store(Arc::new(
             running
@@ -450,5 +527,81 @@ impl Server {
         stops.join_all().await;
         let _ = self.stop_managers.send(true);
         tracing::info!("shutdown complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with listeners `web` and `extra` (at `extra`) on pool `app` (`algorithm`).
+    fn config_text(extra: &str, algorithm: &str) -> String {
+        format!(
+            "[server]\nruntime = \"work_stealing\"\n\n\
+             [listeners.web]\nlisten = \"127.0.0.1:0\"\npool = \"app\"\n\n\
+             [listeners.extra]\nlisten = \"{extra}\"\npool = \"app\"\n\n\
+             [pools.app]\nalgorithm = \"{algorithm}\"\nbackends = [\"127.0.0.1:9001\"]\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_cannot_bind_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fulcrum.toml");
+        std::fs::write(&path, config_text("127.0.0.1:0", "round_robin")).unwrap();
+        let config = Config::load(&path).unwrap();
+        let server = Server::start(config, Some(path.clone()), None)
+            .await
+            .unwrap();
+        let addresses = |listeners: Vec<BoundListener>| {
+            let mut addresses: Vec<_> = listeners.iter().map(|l| l.address).collect();
+            addresses.sort();
+            addresses
+        };
+        let bound = addresses(server.listeners().await);
+        let algorithm = || server.pools()["app"].pool.snapshot().settings.algorithm;
+        let before = algorithm();
+
+        // The pool changes too, but 192.0.2.1 (TEST-NET-1) is not ours to bind: refused whole.
+        std::fs::write(&path, config_text("192.0.2.1:80", "least_conn")).unwrap();
+        let error = server.reload().await.unwrap_err();
+        assert!(
+            matches!(&error, ServerError::Bind { listener, .. } if listener == "extra"),
+            "{error:#}"
+        );
+        let message = format!("{error:#}");
+        assert!(
+            message.starts_with("cannot listen on 192.0.2.1:80 for listener `extra`: "),
+            "{message}"
+        );
+        assert!(algorithm() == before, "the pool was reconfigured");
+        assert_eq!(addresses(server.listeners().await), bound);
+        assert_eq!(server.reloads.refused.load(Ordering::Relaxed), 1);
+        assert!(server
+            .events()
+            .recent(10)
+            .iter()
+            .any(|e| e.kind == "reload_failed"));
+
+        // The same change with an address that binds applies.
+        std::fs::write(&path, config_text("127.0.0.1:0", "least_conn")).unwrap();
+        let report = server.reload().await.unwrap();
+        assert_eq!(report.to_string(), "pools updated: app");
+        assert!(algorithm() != before);
+        assert_eq!(addresses(server.listeners().await), bound);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_without_a_config_file_is_refused() {
+        let config = Config::parse(
+            &config_text("127.0.0.1:0", "round_robin"),
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let server = Server::start(config, None, None).await.unwrap();
+        let error = server.reload().await.unwrap_err();
+        assert!(matches!(error, ServerError::NoConfigFile), "{error}");
+        server.shutdown().await;
     }
 }
