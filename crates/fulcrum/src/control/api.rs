@@ -484,6 +484,7 @@ mod tests {
             pools_added: vec![],
             pools_updated: vec!["app".to_string()],
             pools_removed: vec!["old".to_string()],
+            restart_required: vec![],
         };
         round_trip(
             Reloaded {
