@@ -3,11 +3,14 @@
 //! source, picking with exclusions up to the one `max_attempts` cap, panic mode, and what a
 //! failure on a backend costs it.
 //!
-//! A caller asks [`Attempts::next_backend`] for backends until one works; each failure on the way is
-//! reported with [`Attempts::failed`], which charges the backend as the [`Failure`] says
-//! (nothing for a local failure), logs it and says whether to go on.
+//! [`Attempts::connect`] connects to the balancer's picks until one connects; each connect
+//! failure on the way is reported with [`Attempts::failed`], which charges the backend as the
+//! [`Failure`] says (nothing for a local failure) and logs it. When no backend is left, the
+//! answer is [`Failure::exhausted`]. An HTTP request whose exchange fails unsent (or may be
+//! replayed) calls it again for the next backend.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::IpAddr;
 
 use fulcrum_balance::{bounded, key_hash, splitmix64, Algorithm, PickContext};
@@ -19,6 +22,7 @@ use crate::pool::{Backend, PoolSettings, PoolSnapshot};
 use crate::proxy::error::{Blame, Failure};
 use crate::proxy::http::HttpProxy;
 use crate::runtime::clock::now_ns;
+use crate::upstream::ConnectError;
 
 /// Most backends one request, upgrade or session is tried on, whatever the config says
 /// (bounds the stack array of tried indexes).
@@ -109,7 +113,10 @@ pub struct Attempts<'a> {
     sweep: Option<u8>,
     /// Panic mode may not follow (a failure is to be answered, or Fulcrum itself failed).
     no_panic: bool,
+    /// Where panic mode's sweep started (random).
     start: usize,
+    /// The latest failure that was Fulcrum's own (answered instead of "no backend").
+    local: Option<Failure>,
     tried: [usize; MAX_ATTEMPTS_CAP],
 }
 
@@ -127,6 +134,7 @@ impl<'a> Attempts<'a> {
             sweep: None,
             no_panic: false,
             start: 0,
+            local: None,
             tried: [usize::MAX; MAX_ATTEMPTS_CAP],
         }
     }
@@ -188,6 +196,28 @@ impl<'a> Attempts<'a> {
         self.no_panic = true;
     }
 
+    /// Connect failover: `connect` to the next backend until one connects; each failure is
+    /// reported ([`Attempts::failed`]). When none is left: what to answer (see
+    /// [`Failure::exhausted`]).
+    #[inline]
+    pub async fn connect<T, F, Fut>(
+        &mut self,
+        proxy: &HttpProxy,
+        mut connect: F,
+    ) -> Result<(&'a Backend, T), Failure>
+    where
+        F: FnMut(&'a Backend) -> Fut,
+        Fut: Future<Output = Result<T, ConnectError>>,
+    {
+        while let Some(backend) = self.next_backend() {
+            match connect(backend).await {
+                Ok(connected) => return Ok((backend, connected)),
+                Err(error) => self.failed(proxy, backend, Failure::connect(&error), &error),
+            }
+        }
+        Err(Failure::exhausted(self.local))
+    }
+
     /// Reports `failure` on `backend` (caused by `cause`) for `proxy`: the backend is charged
     /// as the failure says — in panic mode only logged, since every backend is unavailable
     /// then anyway — and a local failure ends panic mode's hopes (it would fail the same).
@@ -200,6 +230,7 @@ impl<'a> Attempts<'a> {
     ) {
         if failure.is_local() {
             self.no_panic = true;
+            self.local = Some(failure);
         }
         if !self.in_panic() {
             proxy.charge(self.snapshot, backend, failure.blame());
@@ -262,6 +293,8 @@ impl HttpProxy {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::config::Config;
@@ -329,8 +362,6 @@ mod tests {
         let config = Config::parse(&text, Path::new("test.toml")).unwrap();
         Pool::from_config("app", &config.pools["app"])
     }
-
-    use std::sync::Arc;
 
     /// Picks exclude what was tried, stop at max_attempts, and panic mode then sweeps every
     /// backend (at most the cap), unless told not to.

@@ -147,18 +147,21 @@ impl HttpProxy {
             None => request.map(RequestBody::Client),
             Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
         };
-        // The failure to answer with if no later attempt succeeds.
+        // The failure to answer with if no later attempt succeeds (a replayed request's).
         let mut failure = None;
-        while let Some(backend) = attempts.next_backend() {
-            let connection = match backend.connections.acquire(&*snapshot.settings).await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    let connect = Failure::connect(&error);
-                    attempts.failed(self, backend, connect, &error);
-                    if connect.is_local() {
-                        failure = Some(connect);
+        let settings = &*snapshot.settings;
+        loop {
+            let connected = attempts
+                .connect(self, |backend| backend.connections.acquire(settings))
+                .await;
+            let (backend, connection) = match connected {
+                Ok(connected) => connected,
+                Err(exhausted) => {
+                    let failure = failure.unwrap_or(exhausted);
+                    if failure.kind == Kind::NoBackend {
+                        tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
                     }
-                    continue;
+                    return failure.response();
                 }
             };
             match self.exchange(snapshot, backend, connection, request).await {
@@ -179,14 +182,6 @@ impl HttpProxy {
                 },
             }
         }
-        let failure = match failure {
-            Some(failure) if !failure.is_local() => failure,
-            last => Failure::exhausted(last),
-        };
-        if failure.kind == Kind::NoBackend {
-            tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
-        }
-        failure.response()
     }
 
     /// Sends `request` on `connection` and waits for the response head.

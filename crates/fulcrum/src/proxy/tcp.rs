@@ -238,20 +238,10 @@ impl TcpProxy {
     ) -> Result<(Backend, TcpStream), Failure> {
         let timeout = snapshot.settings.connect_timeout;
         let mut attempts = Attempts::new(snapshot, session_key_hash(client.ip()));
-        let mut local = None;
-        while let Some(backend) = attempts.next_backend() {
-            match connect_tcp(backend.address, timeout).await {
-                Ok(stream) => return Ok((backend.clone(), stream)),
-                Err(error) => {
-                    let failure = Failure::connect(&error);
-                    attempts.failed(&self.http, backend, failure, &error);
-                    if failure.is_local() {
-                        local = Some(failure);
-                    }
-                }
-            }
-        }
-        Err(Failure::exhausted(local))
+        let (backend, stream) = attempts
+            .connect(&self.http, |backend| connect_tcp(backend.address, timeout))
+            .await?;
+        Ok((backend.clone(), stream))
     }
 
     /// Serves one client connection to its end.

@@ -115,130 +115,120 @@ impl HttpProxy {
         let settings = &*snapshot.settings;
         // Keyed like any request of the client (header, cookie, path or address).
         let mut attempts = Attempts::new(snapshot, http_key_hash(settings, &request, client.ip()));
-        let mut local = None;
-        while let Some(backend) = attempts.next_backend() {
-            let connect = dial_upgradable(
-                backend.address,
-                &settings.transport,
-                settings.connect_timeout,
-            );
-            let mut sender = match connect.await {
-                Ok(sender) => sender,
-                Err(error) => {
-                    let failure = Failure::connect(&error);
-                    attempts.failed(self, backend, failure, &error);
-                    if failure.is_local() {
-                        local = Some(failure);
-                    }
-                    continue;
+        let timeout = settings.connect_timeout;
+        let connected = attempts
+            .connect(self, |backend| {
+                dial_upgradable(backend.address, &settings.transport, timeout)
+            })
+            .await;
+        let (backend, mut sender) = match connected {
+            Ok(connected) => connected,
+            Err(exhausted) => {
+                if !exhausted.is_local() {
+                    tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
                 }
-            };
-            let guard = self.pool.start_request(snapshot, backend);
-            let awaiting = backend.await_answer();
-            let response = match tokio::time::timeout(
-                settings.request_timeout,
-                sender.send_request(match watch {
-                    None => request.map(RequestBody::Client),
-                    Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
-                }),
-            )
-            .await
-            {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    let failure = Failure::no_answer();
-                    self.fail(
-                        snapshot,
-                        backend,
-                        failure,
-                        &error,
-                        "answering 502 to the upgrade request",
-                    );
-                    return failure.response();
-                }
-                Err(_) => {
-                    let failure = Failure::timeout();
-                    let waited = settings.request_timeout;
-                    self.fail(
-                        snapshot,
-                        backend,
-                        failure,
-                        &format_args!("no response head within {waited:?}"),
-                        "answering 504 to the upgrade request",
-                    );
-                    return failure.response();
-                }
-            };
-            drop(awaiting);
-            backend.record_status(response.status().as_u16());
-            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                // Refused upgrade: an ordinary response (the connection is then reusable).
-                if response.status().is_server_error() {
-                    self.charge(snapshot, backend, Blame::Failure);
-                } else {
-                    backend.record_success();
-                }
-                let mut response = response.map(|body| {
-                    ProxyBody::Upstream(UpstreamBody::new(
-                        body,
-                        crate::upstream::UpstreamSender::Http1(sender),
-                        guard,
-                    ))
-                });
-                remove_hop_by_hop(response.headers_mut());
-                return response;
+                return exhausted.response();
             }
-            backend.record_success();
-            backend
-                .sessions
-                .opened
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut response = response;
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let (mut parts, _) = response.into_parts();
-            parts.extensions = http::Extensions::new();
-            if extended {
-                // HTTP/2 has no 101 and no connection-level headers: a 200 opens the tunnel.
-                parts.status = StatusCode::OK;
-                for name in [
-                    header::CONNECTION,
-                    header::UPGRADE,
-                    header::SEC_WEBSOCKET_ACCEPT,
-                ] {
-                    parts.headers.remove(name);
-                }
+        };
+        let guard = self.pool.start_request(snapshot, backend);
+        let awaiting = backend.await_answer();
+        let response = match tokio::time::timeout(
+            settings.request_timeout,
+            sender.send_request(match watch {
+                None => request.map(RequestBody::Client),
+                Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+            }),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                let failure = Failure::no_answer();
+                self.fail(
+                    snapshot,
+                    backend,
+                    failure,
+                    &error,
+                    "answering 502 to the upgrade request",
+                );
+                return failure.response();
             }
-            let backend = backend.clone();
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let _held = (guard, slot);
-                let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade)
-                {
-                    (Ok(c), Ok(u)) => (c, u),
-                    (Err(error), _) | (_, Err(error)) => {
-                        tracing::debug!(backend = %backend.address, %error, "upgrade did not complete");
-                        return;
-                    }
-                };
-                let (mut client_io, mut upstream_io) =
-                    (TokioIo::new(client_io), TokioIo::new(upstream_io));
-                let (end, sent, received) = relay(
-                    &mut client_io,
-                    &mut upstream_io,
-                    &backend,
-                    &pool,
-                    idle_timeout,
-                )
-                .await;
-                tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "upgraded connection ended");
+            Err(_) => {
+                let failure = Failure::timeout();
+                let waited = settings.request_timeout;
+                self.fail(
+                    snapshot,
+                    backend,
+                    failure,
+                    &format_args!("no response head within {waited:?}"),
+                    "answering 504 to the upgrade request",
+                );
+                return failure.response();
+            }
+        };
+        drop(awaiting);
+        backend.record_status(response.status().as_u16());
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused upgrade: an ordinary response (the connection is then reusable).
+            if response.status().is_server_error() {
+                self.charge(snapshot, backend, Blame::Failure);
+            } else {
+                backend.record_success();
+            }
+            let mut response = response.map(|body| {
+                ProxyBody::Upstream(UpstreamBody::new(
+                    body,
+                    crate::upstream::UpstreamSender::Http1(sender),
+                    guard,
+                ))
             });
-            return Response::from_parts(parts, ProxyBody::Full(None));
+            remove_hop_by_hop(response.headers_mut());
+            return response;
         }
-        let failure = Failure::exhausted(local);
-        if !failure.is_local() {
-            tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
+        backend.record_success();
+        backend
+            .sessions
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut response = response;
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        parts.extensions = http::Extensions::new();
+        if extended {
+            // HTTP/2 has no 101 and no connection-level headers: a 200 opens the tunnel.
+            parts.status = StatusCode::OK;
+            for name in [
+                header::CONNECTION,
+                header::UPGRADE,
+                header::SEC_WEBSOCKET_ACCEPT,
+            ] {
+                parts.headers.remove(name);
+            }
         }
-        failure.response()
+        let backend = backend.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let _held = (guard, slot);
+            let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::debug!(backend = %backend.address, %error, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client_io, mut upstream_io) =
+                (TokioIo::new(client_io), TokioIo::new(upstream_io));
+            let (end, sent, received) = relay(
+                &mut client_io,
+                &mut upstream_io,
+                &backend,
+                &pool,
+                idle_timeout,
+            )
+            .await;
+            tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "upgraded connection ended");
+        });
+        Response::from_parts(parts, ProxyBody::Full(None))
     }
 }
 
