@@ -104,6 +104,8 @@ pub fn session_key_hash(client: IpAddr) -> u64 {
 /// [`MAX_ATTEMPTS_CAP`]); then, in panic mode, every backend in turn from a random one,
 /// whatever its health says (least bad when checks are wrong or the whole pool flaps).
 pub struct Attempts<'a> {
+    /// The proxy whose request this is (listener and pool names, event log).
+    proxy: &'a HttpProxy,
     snapshot: &'a PoolSnapshot,
     key_hash: u64,
     now_ns: u64,
@@ -121,11 +123,12 @@ pub struct Attempts<'a> {
 }
 
 impl<'a> Attempts<'a> {
-    /// The attempts at one request keyed `key_hash` (see [`http_key_hash`],
-    /// [`session_key_hash`]) on `snapshot`.
+    /// The attempts at one request of `proxy` keyed `key_hash` (see [`http_key_hash`],
+    /// [`session_key_hash`]) on `snapshot` (of `proxy`'s pool).
     #[inline]
-    pub fn new(snapshot: &'a PoolSnapshot, key_hash: u64) -> Self {
+    pub fn new(proxy: &'a HttpProxy, snapshot: &'a PoolSnapshot, key_hash: u64) -> Self {
         Attempts {
+            proxy,
             snapshot,
             key_hash,
             now_ns: now_ns(),
@@ -175,7 +178,8 @@ impl<'a> Attempts<'a> {
             Some(step) => step,
             None => {
                 self.start = bounded(next_random(), backends.len());
-                tracing::warn!("panic mode: no backend available, trying all of them");
+                let (listener, pool) = (&self.proxy.listener, &self.proxy.pool.name);
+                tracing::warn!(%listener, %pool, "panic mode: no backend available, trying all of them");
                 0
             }
         };
@@ -200,11 +204,7 @@ impl<'a> Attempts<'a> {
     /// reported ([`Attempts::failed`]). When none is left: what to answer (see
     /// [`Failure::exhausted`]).
     #[inline]
-    pub async fn connect<T, F, Fut>(
-        &mut self,
-        proxy: &HttpProxy,
-        mut connect: F,
-    ) -> Result<(&'a Backend, T), Failure>
+    pub async fn connect<T, F, Fut>(&mut self, mut connect: F) -> Result<(&'a Backend, T), Failure>
     where
         F: FnMut(&'a Backend) -> Fut,
         Fut: Future<Output = Result<T, ConnectError>>,
@@ -212,26 +212,21 @@ impl<'a> Attempts<'a> {
         while let Some(backend) = self.next_backend() {
             match connect(backend).await {
                 Ok(connected) => return Ok((backend, connected)),
-                Err(error) => self.failed(proxy, backend, Failure::connect(&error), &error),
+                Err(error) => self.failed(backend, Failure::connect(&error), &error),
             }
         }
         Err(Failure::exhausted(self.local))
     }
 
-    /// Reports `failure` on `backend` (caused by `cause`) for `proxy`: the backend is charged
+    /// Reports `failure` on `backend` (caused by `cause`): the backend is charged
     /// as the failure says — in panic mode only logged, since every backend is unavailable
     /// then anyway — and a local failure ends panic mode's hopes (it would fail the same).
-    pub fn failed(
-        &mut self,
-        proxy: &HttpProxy,
-        backend: &Backend,
-        failure: Failure,
-        cause: &dyn std::fmt::Display,
-    ) {
+    pub fn failed(&mut self, backend: &Backend, failure: Failure, cause: &dyn std::fmt::Display) {
         if failure.is_local() {
             self.no_panic = true;
             self.local = Some(failure);
         }
+        let proxy = self.proxy;
         if !self.in_panic() {
             proxy.charge(self.snapshot, backend, failure.blame());
         }
@@ -369,7 +364,8 @@ mod tests {
     fn attempts_exclude_tried_backends_then_sweep_in_panic_mode() {
         let pool = pool(3, "max_attempts = 2");
         let snapshot = pool.snapshot();
-        let mut attempts = Attempts::new(&snapshot, 0);
+        let proxy = HttpProxy::new("web", pool.clone(), Default::default(), false);
+        let mut attempts = Attempts::new(&proxy, &snapshot, 0);
         let first = attempts.next_backend().unwrap().id.clone();
         let second = attempts.next_backend().unwrap().id.clone();
         assert_ne!(first, second);
@@ -380,7 +376,8 @@ mod tests {
         for backend in &snapshot.backends {
             backend.set_healthy(false);
         }
-        let mut attempts = Attempts::new(&snapshot, 0);
+        let proxy = HttpProxy::new("web", pool.clone(), Default::default(), false);
+        let mut attempts = Attempts::new(&proxy, &snapshot, 0);
         let swept: Vec<String> =
             std::iter::from_fn(|| attempts.next_backend().map(|b| b.id.clone())).collect();
         assert!(attempts.in_panic());
@@ -389,7 +386,7 @@ mod tests {
         distinct.sort();
         distinct.dedup();
         assert_eq!(distinct.len(), MAX_ATTEMPTS_CAP, "{swept:?}");
-        let mut attempts = Attempts::new(&snapshot, 0);
+        let mut attempts = Attempts::new(&proxy, &snapshot, 0);
         attempts.no_panic();
         assert!(attempts.next_backend().is_none());
     }

@@ -134,6 +134,7 @@ impl HttpProxy {
         let snapshot_guard = pool.snapshot();
         let snapshot: &PoolSnapshot = &snapshot_guard;
         let mut attempts = Attempts::new(
+            self,
             snapshot,
             http_key_hash(&snapshot.settings, &request, client),
         );
@@ -152,7 +153,7 @@ impl HttpProxy {
         let settings = &*snapshot.settings;
         loop {
             let connected = attempts
-                .connect(self, |backend| backend.connections.acquire(settings))
+                .connect(|backend| backend.connections.acquire(settings))
                 .await;
             let (backend, connection) = match connected {
                 Ok(connected) => connected,

@@ -237,9 +237,9 @@ impl TcpProxy {
         client: SocketAddr,
     ) -> Result<(Backend, TcpStream), Failure> {
         let timeout = snapshot.settings.connect_timeout;
-        let mut attempts = Attempts::new(snapshot, session_key_hash(client.ip()));
+        let mut attempts = Attempts::new(&self.http, snapshot, session_key_hash(client.ip()));
         let (backend, stream) = attempts
-            .connect(&self.http, |backend| connect_tcp(backend.address, timeout))
+            .connect(|backend| connect_tcp(backend.address, timeout))
             .await?;
         Ok((backend.clone(), stream))
     }

@@ -114,12 +114,14 @@ impl HttpProxy {
         let snapshot: &PoolSnapshot = &snapshot_guard;
         let settings = &*snapshot.settings;
         // Keyed like any request of the client (header, cookie, path or address).
-        let mut attempts = Attempts::new(snapshot, http_key_hash(settings, &request, client.ip()));
+        let mut attempts = Attempts::new(
+            self,
+            snapshot,
+            http_key_hash(settings, &request, client.ip()),
+        );
         let timeout = settings.connect_timeout;
         let connected = attempts
-            .connect(self, |backend| {
-                dial_upgradable(backend.address, &settings.transport, timeout)
-            })
+            .connect(|backend| dial_upgradable(backend.address, &settings.transport, timeout))
             .await;
         let (backend, mut sender) = match connected {
             Ok(connected) => connected,
