@@ -135,6 +135,9 @@ const NOFILE: u64 = 128;
 /// Requests whose connects fail because the balancer is out of descriptors (EMFILE) get a
 /// 503 saying so, and no backend is blamed: no failure counted, no back-off, no passive
 /// ejection (even at one consecutive failure). Service resumes once descriptors are free.
+/// (Linux: `/proc/PID/fd` counts the balancer's descriptors; util-linux's `prlimit` sets
+/// the limit.)
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_blames_no_backend() {
     let backends = [backend("a", 0), backend("b", 0)];

@@ -21,6 +21,7 @@ use hyper::ext::Protocol;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
+use crate::config::UpstreamProtocol;
 use crate::pool::PoolSnapshot;
 use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
@@ -29,7 +30,7 @@ use crate::proxy::headers::remove_hop_by_hop;
 use crate::proxy::http::{prepare_request, HttpProxy};
 use crate::proxy::tcp::relay;
 use crate::upstream::body::{BodyWatch, RequestBody};
-use crate::upstream::dial_upgradable;
+use crate::upstream::{dial_upgradable, UpstreamSender};
 
 /// The client connection's place on its listener (connection limit, open count), put in an
 /// upgrade request's extensions by the listener so the tunnel holds it for its whole life.
@@ -171,18 +172,18 @@ impl HttpProxy {
         drop(awaiting);
         backend.record_status(response.status().as_u16());
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // Refused upgrade: an ordinary response (the connection is then reusable).
+            // Refused upgrade: an ordinary response. The connection is then reusable by the
+            // pool's requests if they speak HTTP/1.1 (it was made with the pool's transport);
+            // an HTTP/2 pool has no use for it.
             if response.status().is_server_error() {
                 self.charge(snapshot, backend, Blame::Failure);
             } else {
                 backend.record_success();
             }
+            let reusable = settings.transport.protocol == UpstreamProtocol::Http1;
             let mut response = response.map(|body| {
-                ProxyBody::Upstream(UpstreamBody::new(
-                    body,
-                    crate::upstream::UpstreamSender::Http1(sender),
-                    guard,
-                ))
+                let sender = reusable.then_some(UpstreamSender::Http1(sender));
+                ProxyBody::Upstream(UpstreamBody::with_connection(body, sender, guard))
             });
             remove_hop_by_hop(response.headers_mut());
             return response;
