@@ -1,6 +1,8 @@
 //! The HTTP reverse proxy: one client request in, a backend chosen, the request forwarded on a
-//! pooled connection, the response streamed back. Errors become 502 / 503 / 504 with a
-//! one-line body and a log line naming the backend and the reason.
+//! pooled connection, the response streamed back. Backends are tried by the shared attempt
+//! loop ([`crate::proxy::attempt`]); failures are [`Failure`]s, which become 502 / 503 / 504
+//! (400 for requests that cannot be forwarded) with a one-line body and a log line naming
+//! the backend and the reason.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

@@ -1,6 +1,9 @@
 //! Layer 4, upstream: reaching backends. Connections to one backend: a lock-free queue of idle HTTP/1.1 connections, or one shared
 //! multiplexed HTTP/2 connection, and the connect path (TCP connect with timeout,
-//! TCP_NODELAY, TLS when the pool asks for it, hyper handshake).
+//! TCP_NODELAY, TLS when the pool asks for it, hyper handshake). Every connection to a
+//! backend is made here: pooled ones ([`dial`]), dedicated upgradable HTTP/1.1 ones
+//! ([`dial_upgradable`]) and TCP-mode sessions ([`connect_tcp`]); a [`ConnectError`] tells
+//! whether the failure was local ([`ConnectError::is_local`]).
 
 pub mod body;
 pub mod driven;
