@@ -273,7 +273,7 @@ impl TcpProxy {
                     &self.http.listener,
                     pool,
                     None,
-                    &client,
+                    &format_args!("every attempt for client {client} failed"),
                     "closing the connection",
                 );
                 return;
