@@ -678,3 +678,99 @@ async fn idle_https_clients_are_kept_until_keep_alive_timeout() {
         "closed after {idle_for:?} idle"
     );
 }
+
+/// A relay in front of `target` that records the first byte of every connection it is sent
+/// (a TLS handshake starts with 0x16), then passes the bytes on both ways.
+async fn first_byte_spy(
+    target: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if inbound.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                record.lock().unwrap().push(first[0]);
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                if outbound.write_all(&first).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A WebSocket to a `tls = true` pool goes out over TLS (the backend's port sees a TLS
+/// handshake first), verified with the pool's CA and SNI, with ALPN http/1.1 also when the
+/// pool speaks HTTP/2 (the backend offers both: an h2 ALPN would break the upgrade).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_to_a_tls_pool_is_encrypted_and_verified() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["backend.test"]).write(dir.path(), "backend");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let backend = tls_backend("wss", &cert, &key);
+    let (spy, first_bytes) = first_byte_spy(backend.addr).await;
+    let ca_line = format!(
+        "tls = true\nca = \"{}\"\nsni = \"backend.test\"",
+        ca_path.display()
+    );
+    for protocol in ["http1", "h2"] {
+        let extra = format!("{ca_line}\nprotocol = \"{protocol}\"");
+        let lb = balancer_with(&config(&plain_listener(), &[spy], &extra), 1);
+        let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        let (mut socket, response) =
+            tokio_tungstenite::client_async(format!("ws://{}/ws", lb.addr), stream)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("WebSocket via a TLS pool ({protocol}): {e}\n{}", lb.logs())
+                });
+        assert_eq!(response.status(), 101, "{protocol}");
+        assert_eq!(response.headers()["x-backend"], "wss", "{protocol}");
+        for i in 0..3 {
+            let text = format!("{protocol} over TLS {i}");
+            socket.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(socket.next().await.unwrap().unwrap(), Message::text(text));
+        }
+        socket.close(None).await.unwrap();
+        while let Some(Ok(_)) = socket.next().await {}
+        // A refused upgrade is an ordinary response, whole, over the same TLS connection.
+        let mut raw = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut raw,
+            b"GET /ws HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: other\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let refused = read_response(&mut raw).await;
+        assert!(refused.starts_with("HTTP/1.1 400"), "{protocol}: {refused}");
+        assert!(
+            refused.contains("expected a WebSocket upgrade"),
+            "{refused}"
+        );
+        let seen = first_bytes.lock().unwrap().clone();
+        assert!(
+            !seen.is_empty(),
+            "{protocol}: the backend saw no connection"
+        );
+        assert!(
+            seen.iter().all(|&b| b == 0x16),
+            "{protocol}: a connection to the TLS pool began with {seen:x?}, not a TLS handshake"
+        );
+        first_bytes.lock().unwrap().clear();
+    }
+}

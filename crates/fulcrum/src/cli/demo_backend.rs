@@ -253,7 +253,7 @@ async fn accept_loop(
                 Some(tls) => {
                     if let Ok(stream) = tls.accept(stream).await {
                         let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                 }

@@ -26,9 +26,19 @@ pub struct UpstreamBody {
 impl UpstreamBody {
     /// Wraps a backend's body; `sender` goes back to the backend's pool at the end.
     pub fn new(inner: Incoming, sender: UpstreamSender, guard: InFlightGuard) -> Self {
+        Self::with_connection(inner, Some(sender), guard)
+    }
+
+    /// [`UpstreamBody::new`], with a connection that is not to be pooled (`None`: closed
+    /// when the body ends).
+    pub fn with_connection(
+        inner: Incoming,
+        sender: Option<UpstreamSender>,
+        guard: InFlightGuard,
+    ) -> Self {
         UpstreamBody {
             inner,
-            sender: Some(sender),
+            sender,
             guard,
             access: None,
         }

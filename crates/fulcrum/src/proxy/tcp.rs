@@ -6,19 +6,21 @@
 //! less CPU than user-space copying); [`relay`] (`copy_bidirectional` with 64 KiB buffers)
 //! carries upgraded HTTP connections (WebSocket) and sessions elsewhere.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use fulcrum_balance::{splitmix64, PickContext};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::ListenerConfig;
 use crate::pool::{Backend, Pool, PoolSnapshot};
+use crate::proxy::attempt::{session_key_hash, Attempts};
+use crate::proxy::error::Failure;
 use crate::proxy::http::HttpProxy;
+use crate::upstream::connect_tcp;
 use crate::wire::proxy_protocol;
 
 /// Copy buffer per direction. 64 KiB moves bulk data in few syscalls (the 8 KiB default costs
@@ -27,9 +29,6 @@ const COPY_BUFFER: usize = 64 * 1024;
 
 /// How often an open session checks for idleness and for its backend's removal.
 const SESSION_TICK: Duration = Duration::from_secs(1);
-
-/// Most backends one connection is tried on (bounds the stack array of tried indexes).
-const MAX_ATTEMPTS_CAP: usize = 8;
 
 /// Why a relayed session ended.
 #[derive(Debug)]
@@ -205,19 +204,6 @@ async fn supervise(
     }
 }
 
-/// A hash of the client's IP, the balancer's request key (consistent hashing keeps a client
-/// on one backend).
-fn client_key(ip: IpAddr) -> u64 {
-    let bits = match ip {
-        IpAddr::V4(ip) => u64::from(u32::from(ip)),
-        IpAddr::V6(ip) => {
-            let bits = u128::from(ip);
-            (bits >> 64) as u64 ^ bits as u64
-        }
-    };
-    splitmix64(bits)
-}
-
 /// Forwards the connections of one TCP listener to its pool.
 #[derive(Debug)]
 pub struct TcpProxy {
@@ -243,56 +229,19 @@ impl TcpProxy {
         }
     }
 
-    /// Connects to a backend: the balancer's pick, then others on connect failure.
+    /// Connects to a backend: the balancer's pick (keyed by the client's address, as HTTP
+    /// requests are), then others on connect failure (see [`Attempts`]).
     async fn connect(
         &self,
         snapshot: &PoolSnapshot,
         client: SocketAddr,
-    ) -> Option<(Backend, TcpStream)> {
-        let settings = &*snapshot.settings;
-        let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
-        let key_hash = client_key(client.ip());
-        for attempt in 0..attempts {
-            let ctx = PickContext {
-                key_hash,
-                random: splitmix64(key_hash ^ crate::runtime::clock::now_ns()),
-                now_ns: 0,
-                excluded: &tried[..attempt],
-            };
-            let Some(index) = snapshot.pick(&ctx) else {
-                break;
-            };
-            tried[attempt] = index;
-            let backend = &snapshot.backends[index];
-            if let Some(stream) = self.connect_to(snapshot, backend).await {
-                return Some((backend.clone(), stream));
-            }
-        }
-        if settings.panic_mode && !snapshot.backends.is_empty() {
-            tracing::warn!(pool = %self.http.pool.name, "panic mode: no backend available, trying all of them");
-            for backend in snapshot.backends.iter().take(MAX_ATTEMPTS_CAP) {
-                if let Some(stream) = self.connect_to(snapshot, backend).await {
-                    return Some((backend.clone(), stream));
-                }
-            }
-        }
-        None
-    }
-
-    async fn connect_to(&self, snapshot: &PoolSnapshot, backend: &Backend) -> Option<TcpStream> {
+    ) -> Result<(Backend, TcpStream), Failure> {
         let timeout = snapshot.settings.connect_timeout;
-        let error = match tokio::time::timeout(timeout, TcpStream::connect(backend.address)).await {
-            Ok(Ok(stream)) => return Some(stream),
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("connect timed out after {timeout:?}"),
-        };
-        self.http.note_failure(snapshot, backend, true);
-        tracing::warn!(
-            listener = %self.http.listener, pool = %self.http.pool.name, backend = %backend.address,
-            %error, "backend unreachable; trying another backend"
-        );
-        None
+        let mut attempts = Attempts::new(&self.http, snapshot, session_key_hash(client.ip()));
+        let (backend, stream) = attempts
+            .connect(|backend| connect_tcp(backend.address, timeout))
+            .await?;
+        Ok((backend.clone(), stream))
     }
 
     /// Serves one client connection to its end.
@@ -316,22 +265,38 @@ impl TcpProxy {
         }
         let snapshot_guard = self.http.pool.snapshot();
         let snapshot: &PoolSnapshot = &snapshot_guard;
-        let Some((backend, mut upstream)) = self.connect(snapshot, client).await else {
-            tracing::warn!(listener = %self.http.listener, pool = %self.http.pool.name, %client, "no backend available; closing the connection");
-            return;
+        let (backend, mut upstream) = match self.connect(snapshot, client).await {
+            Ok(connected) => connected,
+            Err(failure) => {
+                let pool = &self.http.pool.name;
+                failure.log(
+                    &self.http.listener,
+                    pool,
+                    None,
+                    &format_args!("every attempt for client {client} failed"),
+                    "closing the connection",
+                );
+                return;
+            }
         };
         let _guard = self.http.pool.start_request(snapshot, &backend);
         // A session waits for its backend as long as it lasts (peak-EWMA's pending count).
         let _awaiting = backend.await_answer();
         backend.record_success();
         backend.sessions.opened.fetch_add(1, Ordering::Relaxed);
-        let _ = upstream.set_nodelay(true);
         let _ = stream.set_nodelay(true);
         if let Some(version) = snapshot.settings.proxy_protocol {
             let header = proxy_protocol::encode(version, client, local);
             if let Err(error) = upstream.write_all(&header).await {
-                self.http.note_failure(snapshot, &backend, false);
-                tracing::warn!(backend = %backend.address, %error, "cannot send the PROXY protocol header");
+                let failure = Failure::no_answer();
+                let cause = format_args!("cannot send the PROXY protocol header: {error}");
+                self.http.fail(
+                    snapshot,
+                    &backend,
+                    failure,
+                    &cause,
+                    "closing the connection",
+                );
                 return;
             }
         }
@@ -373,18 +338,5 @@ impl TcpProxy {
                 "tcp session"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_keys_differ_by_address() {
-        let a = client_key("10.0.0.1".parse().unwrap());
-        let b = client_key("10.0.0.2".parse().unwrap());
-        assert_ne!(a, b);
-        assert_eq!(a, client_key("10.0.0.1".parse().unwrap()));
     }
 }

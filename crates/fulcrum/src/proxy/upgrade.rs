@@ -1,5 +1,6 @@
 //! HTTP/1.1 `Upgrade` pass-through (WebSocket and any other upgrade): the request goes to a
-//! backend on a dedicated connection (never pooled), and when the backend answers
+//! backend on a dedicated HTTP/1.1 connection (never pooled; TLS when the pool says so, with
+//! ALPN `http/1.1` even for an HTTP/2 pool), picked like any request of the client, and when the backend answers
 //! `101 Switching Protocols` both connections are handed over by hyper and relayed byte for
 //! byte. The tunnel holds the backend's in-flight slot for its whole life, so balancing sees
 //! it and a drain waits for it (up to the pool's drain timeout).
@@ -13,25 +14,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_balance::PickContext;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper::ext::Protocol;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
-use crate::pool::{Backend, PoolSnapshot};
+use crate::config::UpstreamProtocol;
+use crate::pool::PoolSnapshot;
+use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
+use crate::proxy::error::{Blame, Failure};
 use crate::proxy::headers::remove_hop_by_hop;
-use crate::proxy::http::{local_response, prepare_request, HttpProxy};
+use crate::proxy::http::{prepare_request, HttpProxy};
 use crate::proxy::tcp::relay;
 use crate::upstream::body::{BodyWatch, RequestBody};
-
-/// Most backends one upgrade request is tried on (connect failures).
-const MAX_ATTEMPTS_CAP: usize = 8;
+use crate::upstream::{dial_upgradable, UpstreamSender};
 
 /// The client connection's place on its listener (connection limit, open count), put in an
 /// upgrade request's extensions by the listener so the tunnel holds it for its whole life.
@@ -59,30 +58,6 @@ fn is_http11_upgrade<B>(request: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Opens a dedicated HTTP/1.1 connection to `backend` that can be upgraded.
-async fn connect(
-    backend: &Backend,
-    timeout: Duration,
-) -> Result<http1::SendRequest<RequestBody>, String> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(backend.address)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(format!("connect failed: {error}")),
-        Err(_) => return Err(format!("connect timed out after {timeout:?}")),
-    };
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    let address = backend.address;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(backend = %address, %error, "upgrade connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 impl HttpProxy {
@@ -119,19 +94,14 @@ impl HttpProxy {
             }
             match HeaderValue::from_str(&protocol) {
                 Ok(value) => Some(value),
-                Err(_) => {
-                    return local_response(
-                        StatusCode::BAD_REQUEST,
-                        "400 bad request: bad :protocol",
-                    )
-                }
+                Err(_) => return Failure::bad_request("400 bad request: bad :protocol").response(),
             }
         } else {
             request.headers().get(header::UPGRADE).cloned()
         };
         let mut request = match prepare_request(request, client_ip, self.scheme) {
             Ok(request) => request,
-            Err(message) => return local_response(StatusCode::BAD_REQUEST, message),
+            Err(message) => return Failure::bad_request(message).response(),
         };
         // prepare_request removed the hop-by-hop headers; an upgrade needs these two back.
         if let Some(upgrade) = upgrade {
@@ -144,125 +114,124 @@ impl HttpProxy {
         let snapshot_guard = pool.snapshot();
         let snapshot: &PoolSnapshot = &snapshot_guard;
         let settings = &*snapshot.settings;
-        let attempts = settings.max_attempts.clamp(1, MAX_ATTEMPTS_CAP);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS_CAP];
-        for attempt in 0..attempts {
-            let ctx = PickContext {
-                key_hash: 0,
-                random: crate::runtime::clock::now_ns(),
-                now_ns: 0,
-                excluded: &tried[..attempt],
-            };
-            let Some(index) = snapshot.pick(&ctx) else {
-                break;
-            };
-            tried[attempt] = index;
-            let backend = &snapshot.backends[index];
-            let mut sender = match connect(backend, settings.connect_timeout).await {
-                Ok(sender) => sender,
-                Err(error) => {
-                    self.note_unreachable(snapshot, backend, &error);
-                    continue;
+        // Keyed like any request of the client (header, cookie, path or address).
+        let mut attempts = Attempts::new(
+            self,
+            snapshot,
+            http_key_hash(settings, &request, client.ip()),
+        );
+        let timeout = settings.connect_timeout;
+        let connected = attempts
+            .connect(|backend| dial_upgradable(backend.address, &settings.transport, timeout))
+            .await;
+        let (backend, mut sender) = match connected {
+            Ok(connected) => connected,
+            Err(exhausted) => {
+                if !exhausted.is_local() {
+                    tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
                 }
-            };
-            let guard = self.pool.start_request(snapshot, backend);
-            let awaiting = backend.await_answer();
-            let response = match tokio::time::timeout(
-                settings.request_timeout,
-                sender.send_request(match watch {
-                    None => request.map(RequestBody::Client),
-                    Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
-                }),
-            )
-            .await
-            {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    self.note_failure(snapshot, backend, false);
-                    tracing::warn!(backend = %backend.address, %error, "backend failed to answer an upgrade request");
-                    return local_response(
-                        StatusCode::BAD_GATEWAY,
-                        "502 bad gateway: the backend failed to answer",
-                    );
-                }
-                Err(_) => {
-                    self.note_failure(snapshot, backend, false);
-                    return local_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "504 gateway timeout: the backend did not answer in time",
-                    );
-                }
-            };
-            drop(awaiting);
-            backend.record_status(response.status().as_u16());
-            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                // Refused upgrade: an ordinary response (the connection is then reusable).
-                if response.status().is_server_error() {
-                    self.note_failure(snapshot, backend, false);
-                } else {
-                    backend.record_success();
-                }
-                let mut response = response.map(|body| {
-                    ProxyBody::Upstream(UpstreamBody::new(
-                        body,
-                        crate::upstream::UpstreamSender::Http1(sender),
-                        guard,
-                    ))
-                });
-                remove_hop_by_hop(response.headers_mut());
-                return response;
+                return exhausted.response();
             }
-            backend.record_success();
-            backend
-                .sessions
-                .opened
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut response = response;
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let (mut parts, _) = response.into_parts();
-            parts.extensions = http::Extensions::new();
-            if extended {
-                // HTTP/2 has no 101 and no connection-level headers: a 200 opens the tunnel.
-                parts.status = StatusCode::OK;
-                for name in [
-                    header::CONNECTION,
-                    header::UPGRADE,
-                    header::SEC_WEBSOCKET_ACCEPT,
-                ] {
-                    parts.headers.remove(name);
-                }
-            }
-            let backend = backend.clone();
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let _held = (guard, slot);
-                let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade)
-                {
-                    (Ok(c), Ok(u)) => (c, u),
-                    (Err(error), _) | (_, Err(error)) => {
-                        tracing::debug!(backend = %backend.address, %error, "upgrade did not complete");
-                        return;
-                    }
-                };
-                let (mut client_io, mut upstream_io) =
-                    (TokioIo::new(client_io), TokioIo::new(upstream_io));
-                let (end, sent, received) = relay(
-                    &mut client_io,
-                    &mut upstream_io,
-                    &backend,
-                    &pool,
-                    idle_timeout,
-                )
-                .await;
-                tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "upgraded connection ended");
-            });
-            return Response::from_parts(parts, ProxyBody::Full(None));
-        }
-        tracing::warn!(listener = %self.listener, pool = %pool.name, "no backend available");
-        local_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 service unavailable: no backend available",
+        };
+        let guard = self.pool.start_request(snapshot, backend);
+        let awaiting = backend.await_answer();
+        let response = match tokio::time::timeout(
+            settings.request_timeout,
+            sender.send_request(match watch {
+                None => request.map(RequestBody::Client),
+                Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
+            }),
         )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                let failure = Failure::no_answer();
+                self.fail(
+                    snapshot,
+                    backend,
+                    failure,
+                    &error,
+                    "answering 502 to the upgrade request",
+                );
+                return failure.response();
+            }
+            Err(_) => {
+                let failure = Failure::timeout();
+                let waited = settings.request_timeout;
+                self.fail(
+                    snapshot,
+                    backend,
+                    failure,
+                    &format_args!("no response head within {waited:?}"),
+                    "answering 504 to the upgrade request",
+                );
+                return failure.response();
+            }
+        };
+        drop(awaiting);
+        backend.record_status(response.status().as_u16());
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused upgrade: an ordinary response. The connection is then reusable by the
+            // pool's requests if they speak HTTP/1.1 (it was made with the pool's transport);
+            // an HTTP/2 pool has no use for it.
+            if response.status().is_server_error() {
+                self.charge(snapshot, backend, Blame::Failure);
+            } else {
+                backend.record_success();
+            }
+            let reusable = settings.transport.protocol == UpstreamProtocol::Http1;
+            let mut response = response.map(|body| {
+                let sender = reusable.then_some(UpstreamSender::Http1(sender));
+                ProxyBody::Upstream(UpstreamBody::with_connection(body, sender, guard))
+            });
+            remove_hop_by_hop(response.headers_mut());
+            return response;
+        }
+        backend.record_success();
+        backend
+            .sessions
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut response = response;
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        parts.extensions = http::Extensions::new();
+        if extended {
+            // HTTP/2 has no 101 and no connection-level headers: a 200 opens the tunnel.
+            parts.status = StatusCode::OK;
+            for name in [
+                header::CONNECTION,
+                header::UPGRADE,
+                header::SEC_WEBSOCKET_ACCEPT,
+            ] {
+                parts.headers.remove(name);
+            }
+        }
+        let backend = backend.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let _held = (guard, slot);
+            let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::debug!(backend = %backend.address, %error, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client_io, mut upstream_io) =
+                (TokioIo::new(client_io), TokioIo::new(upstream_io));
+            let (end, sent, received) = relay(
+                &mut client_io,
+                &mut upstream_io,
+                &backend,
+                &pool,
+                idle_timeout,
+            )
+            .await;
+            tracing::debug!(%client, backend = %backend.address, ?end, bytes_to_backend = sent, bytes_to_client = received, "upgraded connection ended");
+        });
+        Response::from_parts(parts, ProxyBody::Full(None))
     }
 }
 

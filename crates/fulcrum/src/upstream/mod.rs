@@ -1,6 +1,9 @@
 //! Layer 4, upstream: reaching backends. Connections to one backend: a lock-free queue of idle HTTP/1.1 connections, or one shared
 //! multiplexed HTTP/2 connection, and the connect path (TCP connect with timeout,
-//! TCP_NODELAY, TLS when the pool asks for it, hyper handshake).
+//! TCP_NODELAY, TLS when the pool asks for it, hyper handshake). Every connection to a
+//! backend is made here: pooled ones ([`dial`]), dedicated upgradable HTTP/1.1 ones
+//! ([`dial_upgradable`]) and TCP-mode sessions ([`connect_tcp`]); a [`ConnectError`] tells
+//! whether the failure was local ([`ConnectError::is_local`]).
 
 pub mod body;
 pub mod driven;
@@ -73,6 +76,34 @@ pub enum ConnectError {
     Setup(Arc<UpstreamTlsError>),
 }
 
+/// `errno` values of a connect that failed for want of a local resource (descriptors,
+/// ephemeral ports, kernel memory): nothing the backend did.
+const LOCAL_ERRNOS: [nix::errno::Errno; 5] = [
+    nix::errno::Errno::EMFILE,
+    nix::errno::Errno::ENFILE,
+    nix::errno::Errno::EADDRNOTAVAIL,
+    nix::errno::Errno::ENOBUFS,
+    nix::errno::Errno::ENOMEM,
+];
+
+impl ConnectError {
+    /// Whether the connect failed on this side, for want of a local resource (too many open
+    /// files, no ephemeral port, out of memory) or because the pool's TLS settings are
+    /// unusable: the backend is not to blame for it.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ConnectError::Io(error) => {
+                error.kind() == std::io::ErrorKind::OutOfMemory
+                    || error
+                        .raw_os_error()
+                        .is_some_and(|code| LOCAL_ERRNOS.iter().any(|e| *e as i32 == code))
+            }
+            ConnectError::Setup(_) => true,
+            ConnectError::Timeout(_) | ConnectError::Handshake(_) | ConnectError::Tls(_) => false,
+        }
+    }
+}
+
 /// How a pool connects to its backends: HTTP version and TLS. Shared by the pool's
 /// settings; equal when the configuration that made it is equal.
 pub struct UpstreamTransport {
@@ -89,6 +120,9 @@ pub struct UpstreamTransport {
 pub struct UpstreamTls {
     /// rustls client settings (roots, ALPN).
     pub config: Arc<ClientConfig>,
+    /// The same settings with ALPN `http/1.1` only, for upgraded (WebSocket) connections,
+    /// which are HTTP/1.1 whatever the pool's protocol.
+    pub upgrade_config: Arc<ClientConfig>,
     /// The name sent as SNI and verified; the backend's IP address when `None`.
     pub sni: Option<ServerName<'static>>,
 }
@@ -117,8 +151,17 @@ impl UpstreamTransport {
                 .sni
                 .as_ref()
                 .and_then(|name| ServerName::try_from(name.clone()).ok());
+            let upgrade_config = match config.protocol {
+                UpstreamProtocol::Http1 => client.clone(),
+                UpstreamProtocol::H2 => {
+                    let mut http1 = (*client).clone();
+                    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Arc::new(http1)
+                }
+            };
             Ok(UpstreamTls {
                 config: client,
+                upgrade_config,
                 sni,
             })
         });
@@ -461,12 +504,7 @@ pub async fn dial(
     connect_timeout: Duration,
     stats: Option<&Arc<ConnectionStats>>,
 ) -> Result<UpstreamSender, ConnectError> {
-    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| ConnectError::Timeout(connect_timeout))?
-        .map_err(ConnectError::Io)?;
-    // Small requests and responses must not wait for Nagle's algorithm.
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(address, connect_timeout).await?;
     match &transport.tls {
         None => {
             handshake(
@@ -480,15 +518,7 @@ pub async fn dial(
         }
         Some(Err(error)) => Err(ConnectError::Setup(error.clone())),
         Some(Ok(tls)) => {
-            let name = tls
-                .sni
-                .clone()
-                .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
-            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-            let stream = tokio::time::timeout(connect_timeout, connector.connect(name, stream))
-                .await
-                .map_err(|_| ConnectError::Timeout(connect_timeout))?
-                .map_err(ConnectError::Tls)?;
+            let stream = tls_connect(tls, &tls.config, stream, address, connect_timeout).await?;
             handshake(
                 TokioIo::new(stream),
                 transport.protocol,
@@ -499,6 +529,83 @@ pub async fn dial(
             .await
         }
     }
+}
+
+/// Opens a TCP connection to `address` (bounded by `connect_timeout`), with TCP_NODELAY: the
+/// first step of every dial, and all of a TCP-mode session's (whose bytes are relayed as they
+/// are, so the pool's TLS and HTTP settings do not apply).
+pub async fn connect_tcp(
+    address: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| ConnectError::Timeout(connect_timeout))?
+        .map_err(ConnectError::Io)?;
+    // Small requests and responses must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// The TLS handshake on `stream` with `config` (the pool's roots and verification, and an
+/// ALPN), sending the pool's SNI (the backend's IP address without one).
+async fn tls_connect(
+    tls: &UpstreamTls,
+    config: &Arc<ClientConfig>,
+    stream: TcpStream,
+    address: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let name = tls
+        .sni
+        .clone()
+        .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    tokio::time::timeout(connect_timeout, connector.connect(name, stream))
+        .await
+        .map_err(|_| ConnectError::Timeout(connect_timeout))?
+        .map_err(ConnectError::Tls)
+}
+
+/// Opens a dedicated HTTP/1.1 connection to `address` that can be upgraded (WebSocket): TCP,
+/// then TLS as `transport` says (ALPN `http/1.1` even when the pool speaks HTTP/2), then the
+/// HTTP/1.1 handshake; the connection runs in a task of its own, upgrades allowed. Never
+/// pooled, never counted in the backend's connection stats.
+pub async fn dial_upgradable(
+    address: SocketAddr,
+    transport: &UpstreamTransport,
+    connect_timeout: Duration,
+) -> Result<SendRequest<RequestBody>, ConnectError> {
+    let stream = connect_tcp(address, connect_timeout).await?;
+    match &transport.tls {
+        None => upgradable_handshake(TokioIo::new(stream), address).await,
+        Some(Err(error)) => Err(ConnectError::Setup(error.clone())),
+        Some(Ok(tls)) => {
+            let stream =
+                tls_connect(tls, &tls.upgrade_config, stream, address, connect_timeout).await?;
+            upgradable_handshake(TokioIo::new(stream), address).await
+        }
+    }
+}
+
+/// The HTTP/1.1 handshake of [`dial_upgradable`].
+async fn upgradable_handshake<I>(
+    io: I,
+    address: SocketAddr,
+) -> Result<SendRequest<RequestBody>, ConnectError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(backend = %address, %error, "upgrade connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// Runs the HTTP handshake on a connected stream: an HTTP/1.1 connection is returned to be

@@ -110,9 +110,28 @@ fn spawn(
     dir: Option<tempfile::TempDir>,
     log_dir: &Path,
 ) -> Proc {
+    spawn_via(&[], args, ready_lines, dir, log_dir)
+}
+
+/// [`spawn`], through `wrapper` (a command that executes its arguments, e.g. `prlimit`).
+fn spawn_via(
+    wrapper: &[&str],
+    args: &[&str],
+    ready_lines: usize,
+    dir: Option<tempfile::TempDir>,
+    log_dir: &Path,
+) -> Proc {
     let log_path = log_dir.join(format!("log-{}.txt", unique()));
     let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = Command::new(fulcrum_bin())
+    let mut command = match wrapper.split_first() {
+        None => Command::new(fulcrum_bin()),
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(fulcrum_bin());
+            command
+        }
+    };
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -282,6 +301,31 @@ pub(crate) fn balancer_with_args(config: &str, listeners: usize, extra: &[&str])
     let mut proc = spawn(&args, listeners + 1, Some(dir), &log_dir);
     proc.config_path = Some(path);
     proc
+}
+
+/// Like [`balancer_with`], with the process's open-file limit (soft and hard) set to
+/// `nofile` by util-linux's `prlimit`, which then executes fulcrum in its place (same pid).
+pub(crate) fn balancer_with_nofile(config: &str, listeners: usize, nofile: u64) -> Proc {
+    let (dir, path) = write_config(config);
+    let log_dir = dir.path().to_path_buf();
+    let limit = format!("--nofile={nofile}:{nofile}");
+    let args = ["run", "--config", path.to_str().unwrap()];
+    let mut proc = spawn_via(
+        &["prlimit", &limit],
+        &args,
+        listeners + 1,
+        Some(dir),
+        &log_dir,
+    );
+    proc.config_path = Some(path);
+    proc
+}
+
+/// The number of descriptors process `pid` has open now (Linux `/proc`).
+pub(crate) fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
 }
 
 /// Starts `fulcrum run` with one HTTP listener `web` on port 0 in front of `backends`.
