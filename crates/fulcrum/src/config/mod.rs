@@ -121,8 +121,19 @@ pub enum LogFormat {
 pub struct AdminConfig {
     /// Admin listen address; loopback by default.
     pub listen: Spanned<ListenAddr>,
-    /// Bearer token; required when `listen` is not a loopback address.
+    /// Bearer token; required when `listen` is not a loopback address. Re-read on reload.
     pub token: Option<String>,
+    /// Host names (`name` or `name:port`; without a port, the admin's port) that clients may
+    /// use in `Host` and `Origin` besides the listen address (and `localhost` on loopback).
+    /// Re-read on reload.
+    pub allowed_hosts: Vec<String>,
+    /// Open admin connections above this are closed at accept.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; a keep-alive connection silent this long
+    /// before its next request is closed too.
+    pub header_read_timeout: ConfigDuration,
+    /// A connection that reads and writes nothing for this long is closed.
+    pub idle_timeout: ConfigDuration,
 }
 
 impl Default for AdminConfig {
@@ -130,6 +141,10 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([127, 0, 0, 1], 9090)))),
             token: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            header_read_timeout: ConfigDuration(Duration::from_secs(10)),
+            idle_timeout: ConfigDuration(Duration::from_secs(60)),
         }
     }
 }

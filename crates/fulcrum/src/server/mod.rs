@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Mutex};
 
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
-use crate::config::{Config, ListenerConfig, ListenerProtocol, RuntimeShape};
+use crate::config::{AdminConfig, Config, ListenerConfig, ListenerProtocol, RuntimeShape};
 use crate::listener::tls::{CertStore, TlsListener};
 use crate::listener::{bind, start_listener, ListenerTask};
 pub use crate::listener::{BoundListener, ListenerStats};
@@ -50,6 +50,8 @@ pub struct Server {
     autoscale_stats: ArcSwap<Vec<(String, Arc<AutoscaleStats>)>>,
     /// Reloads applied and refused since start.
     pub reloads: ReloadCounters,
+    /// `[admin]` of the configuration in force (lock-free read, per admin request).
+    admin: ArcSwap<AdminConfig>,
     /// Where listeners are served: per-core worker runtimes, or the current runtime.
     workers: Workers,
     /// `--workers` from the command line, applied to every config.
@@ -171,6 +173,7 @@ impl Server {
             listener_stats: ArcSwap::from_pointee(Vec::new()),
             autoscale_stats: ArcSwap::from_pointee(Vec::new()),
             reloads: ReloadCounters::default(),
+            admin: ArcSwap::from_pointee(config.admin.clone()),
             workers,
             workers_override,
         });
@@ -201,6 +204,12 @@ impl Server {
     /// The control-plane event log.
     pub fn events(&self) -> &Arc<EventLog> {
         &self.events
+    }
+
+    /// `[admin]` of the configuration in force, without waiting for a reload in progress:
+    /// the admin API reads its token and allowed host names here on every request.
+    pub fn admin_config(&self) -> Arc<AdminConfig> {
+        self.admin.load_full()
     }
 
     /// The configuration in force.
@@ -321,6 +330,7 @@ impl Server {
                 tls.install(store);
             }
         }
+        self.admin.store(Arc::new(config.admin.clone()));
         running.config = config;
         self.listener_stats.store(Arc::new(
             running
