@@ -574,6 +574,114 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
         assert!(message.contains("between 1 and 65535"), "{message}");
     }
 
+    /// Every duration key of the configuration, as (table lines before it, key path).
+    fn every_duration() -> Vec<(String, String)> {
+        let mut keys = Vec::new();
+        let mut table = |header: &str, path: &str, names: &[&str]| {
+            for name in names {
+                keys.push((format!("{header}{name}"), format!("{path}.{name}")));
+            }
+        };
+        table("[server]\n", "server", &["shutdown_timeout"]);
+        table(
+            "[listeners.web.tls]\ncerts = []\n",
+            "listeners.web.tls",
+            &["handshake_timeout"],
+        );
+        table(
+            "",
+            "pools.app",
+            &[
+                "failure_backoff",
+                "drain_timeout",
+                "latency_decay",
+                "resolve_every",
+                "slow_start",
+            ],
+        );
+        table(
+            "[pools.app.timeouts]\n",
+            "pools.app.timeouts",
+            &["connect", "request", "idle"],
+        );
+        table(
+            "[pools.app.health]\n",
+            "pools.app.health",
+            &["interval", "timeout"],
+        );
+        table(
+            "[pools.app.passive]\n",
+            "pools.app.passive",
+            &["ejection_time", "max_ejection_time"],
+        );
+        table(
+            "[pools.app.agent]\nport = 5555\n",
+            "pools.app.agent",
+            &["interval", "timeout"],
+        );
+        table(
+            "[pools.app.autoscale]\nprovider = \"process\"\ncommand = [\"x\"]\nmetric = \"cpu\"\ntarget = 50\nmax = 2\n",
+            "pools.app.autoscale",
+            &[
+                "scale_up_after",
+                "scale_down_after",
+                "cooldown",
+                "sample_every",
+                "command_timeout",
+                "ready_timeout",
+                "stop_grace",
+            ],
+        );
+        keys
+    }
+
+    #[test]
+    fn every_duration_is_capped_and_timers_are_never_zero() {
+        let listener_keys = [
+            "header_read_timeout",
+            "keep_alive_timeout",
+            "park_after",
+            "idle_timeout",
+        ];
+        let mut cases: Vec<(String, String)> = every_duration()
+            .into_iter()
+            .map(|(lines, path)| (format!("{BASE}{lines} = @\n"), path))
+            .collect();
+        for key in listener_keys {
+            let text = BASE.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{key} = @\n"));
+            cases.push((text, format!("listeners.web.{key}")));
+        }
+        // `@` is where the value goes. Timers and intervals: 0s is refused; elsewhere 0s means something (documented).
+        let zero_allowed = [
+            "server.shutdown_timeout",
+            "pools.app.failure_backoff",
+            "pools.app.drain_timeout",
+            "pools.app.latency_decay",
+            "pools.app.slow_start",
+            "pools.app.autoscale.scale_up_after",
+            "pools.app.autoscale.scale_down_after",
+            "pools.app.autoscale.cooldown",
+            "pools.app.autoscale.stop_grace",
+        ];
+        for (text, path) in cases {
+            let (_, _, message) = refused(&text.replace('@', "\"366d\""));
+            let want = format!("`{path}` must be between ");
+            assert!(message.starts_with(&want), "{path} = 366d: {message}");
+            let zero = text.replace('@', "\"0s\"");
+            if zero_allowed.contains(&path.as_str()) {
+                let result = parse(&zero);
+                // The TLS table without certificates is refused later, by the TLS checks.
+                assert!(
+                    result.is_ok() || !result.unwrap_err().message.starts_with('`'),
+                    "{path} = 0s"
+                );
+            } else {
+                let (_, _, message) = refused(&zero);
+                assert!(message.starts_with(&want), "{path} = 0s: {message}");
+            }
+        }
+    }
+
     #[test]
     fn durations_show_the_way_they_are_written() {
         assert_eq!(show(Duration::ZERO), "0s");
