@@ -176,7 +176,7 @@ fn out_of_range_numbers_and_durations_name_key_range_and_place() {
         ),
         (
             GOOD.replace("connect = \"1s\"", "connect = \"300000000000years\""),
-            "FILE:8:11: `pools.app.timeouts.connect` must be between 1ms and 1d, not ",
+            "FILE:8:11: `pools.app.timeouts.connect` must be between 1ms and 1d, not 300000000000years",
         ),
         (
             format!("{GOOD}[pools.app.health]\ninterval = \"0s\"\n"),
