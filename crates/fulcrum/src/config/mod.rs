@@ -4,6 +4,7 @@
 mod autoscale;
 pub mod certs;
 mod health;
+mod ranges;
 mod tls;
 mod types;
 
@@ -417,8 +418,8 @@ impl Config {
         let mut config: Config =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
         config.resolve_paths(file.parent());
-        config
-            .validate()
+        ranges::check(&config, text)
+            .and_then(|()| config.validate())
             .and_then(|()| config.validate_tls())
             .map_err(|(span, message)| at(Some(span), message))?;
         Ok(config)
@@ -529,30 +530,6 @@ impl Config {
                     ),
                 ));
             }
-            if listener.idle_timeout.0.is_zero() {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: idle_timeout must be longer than 0s"),
-                ));
-            }
-            if listener.keep_alive_timeout.0.is_zero() {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: keep_alive_timeout must be longer than 0s"),
-                ));
-            }
-            if listener.park_after.0 < Duration::from_millis(10) {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: park_after must be at least 10ms"),
-                ));
-            }
-            if listener.max_header_bytes < 8192 {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: max_header_bytes must be at least 8192"),
-                ));
-            }
         }
         for (name, pool) in &self.pools {
             if pool.backends.get_ref().is_empty() && pool.autoscale.is_none() {
@@ -603,12 +580,6 @@ impl Config {
                         format!("pool `{name}`: bounded_load must be a number of at least 1.0 (like 1.25), not {c}"),
                     ));
                 }
-            }
-            if pool.max_attempts == 0 {
-                return Err((
-                    pool.backends.span(),
-                    format!("pool `{name}`: max_attempts must be at least 1"),
-                ));
             }
         }
         let admin = self.admin.listen.get_ref().0;

@@ -603,6 +603,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reload_with_a_value_out_of_range_is_refused_at_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fulcrum.toml");
+        std::fs::write(&path, config_text("127.0.0.1:0", "round_robin")).unwrap();
+        let server = Server::start(Config::load(&path).unwrap(), Some(path.clone()), None)
+            .await
+            .unwrap();
+        let algorithm = || server.pools()["app"].pool.snapshot().settings.algorithm;
+        let before = algorithm();
+        // `fulcrum check` refuses this (a zero interval would busy-loop discovery): so does
+        // a reload, through the same Config::load, and nothing changes.
+        let text = config_text("127.0.0.1:0", "least_conn") + "resolve_every = \"0s\"\n";
+        std::fs::write(&path, text).unwrap();
+        let error = server.reload().await.unwrap_err();
+        let ServerError::Config(error) = &error else {
+            panic!("{error:#}");
+        };
+        assert_eq!((error.line, error.column), (15, 17), "{error}");
+        assert_eq!(
+            error.message,
+            "`pools.app.resolve_every` must be between 100ms and 1d, not 0s"
+        );
+        assert!(algorithm() == before, "the pool was reconfigured");
+        assert_eq!(server.reloads.refused.load(Ordering::Relaxed), 1);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn a_reload_without_a_config_file_is_refused() {
         let config = Config::parse(
             &config_text("127.0.0.1:0", "round_robin"),
