@@ -53,6 +53,9 @@ pub(crate) struct ListenerTask {
     pub(crate) stats: Arc<ListenerStats>,
     /// TLS termination, for `https` listeners.
     pub(crate) tls: Option<Arc<TlsListener>>,
+    /// The listening sockets (duplicates of those the accept loops own), handed to the
+    /// listener that replaces this one on the same address.
+    pub(crate) sockets: Vec<std::net::TcpListener>,
 }
 
 /// Counters of one listener's client connections.
@@ -112,6 +115,21 @@ pub enum ListenerError {
     /// The address of its bound socket cannot be read.
     #[error("cannot read the listening socket's address: {0}")]
     LocalAddr(std::io::Error),
+    /// A listening socket could not be duplicated (to hand it to a reloaded listener).
+    #[error("cannot duplicate the listening socket: {0}")]
+    Duplicate(std::io::Error),
+}
+
+/// Duplicates listening sockets: the copies share the sockets (and their accept queues), so a
+/// reloaded listener on the same address serves them while the old accept loops stop, and
+/// no connection waiting in a queue is reset.
+pub(crate) fn duplicate(
+    sockets: &[std::net::TcpListener],
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    sockets
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect()
 }
 
 /// Starts serving `sockets` (one per worker) as the listener `name`.
@@ -143,6 +161,7 @@ pub(crate) fn start_listener(
     }
     // `max_connections` bounds the listener as a whole, across its workers.
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let kept = duplicate(&sockets).map_err(ListenerError::Duplicate)?;
     let mut sockets = sockets.into_iter().map(Some).collect::<Vec<_>>();
     let (http_proxy, tcp_proxy) = if config.protocol == ListenerProtocol::Tcp {
         let tcp = crate::proxy::tcp::TcpProxy::new(proxy, &config);
@@ -190,6 +209,7 @@ pub(crate) fn start_listener(
         tasks,
         stats,
         tls,
+        sockets: kept,
     })
 }
 
@@ -314,11 +334,14 @@ async fn serve_http(
     drop(listener);
     drain.send_replace(());
     tokio::select! {
-        _ = drain.closed() => {}
-        _ = tokio::time::sleep(shutdown_timeout) => {
-            tracing::warn!(timeout = ?shutdown_timeout, "shutdown timeout reached; closing remaining connections");
-        }
+        _ = drain.closed() => return,
+        _ = tokio::time::sleep(shutdown_timeout) => {}
     }
+    let open = stats.open.load(Ordering::Relaxed);
+    tracing::warn!(timeout = ?shutdown_timeout, open, "shutdown timeout reached; closing remaining connections");
+    park.close_all();
+    // They close at their next tick (a fraction of a second); do not wait forever for them.
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain.closed()).await;
 }
 
 /// Serves a plain-TCP client connection in its own task; idle HTTP/1.1 connections park (see

@@ -58,6 +58,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How long closing a parked connection may wait for its socket (a TLS `close_notify`).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a connection accepted just before a drain may take to send its first bytes.
+const DRAIN_FIRST_BYTES: Duration = Duration::from_secs(1);
+
 /// The shortest park tick, whatever the config says.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
@@ -75,6 +78,9 @@ pub(crate) struct ParkSettings {
     lot: std::sync::OnceLock<super::lot::Lot<Arc<Ctx>>>,
     /// TLS termination, on `https` listeners.
     tls: Option<Arc<TlsListener>>,
+    /// Turns true when the listener's `shutdown_timeout` has passed after a drain: every
+    /// connection still served closes at once (at its next tick), in-flight requests or not.
+    closing: watch::Sender<bool>,
 }
 
 impl ParkSettings {
@@ -103,7 +109,14 @@ impl ParkSettings {
             #[cfg(target_os = "linux")]
             lot: std::sync::OnceLock::new(),
             tls: None,
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// Closes every connection of this listener still served (the drain took longer than
+    /// `shutdown_timeout`): HTTP/1 rounds at their next tick, HTTP/2 connections at once.
+    pub(crate) fn close_all(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Connections start with a TLS handshake on `tls` (an `https` listener), if given.
@@ -251,13 +264,10 @@ async fn serve_tls(
     slot: Arc<ConnectionSlot>,
     mut drain: watch::Receiver<()>,
 ) {
-    let stream = tokio::select! {
-        biased;
-        _ = drain.changed() => return,
-        accepted = tls.handshake(stream, client) => match accepted {
-            Some(stream) => stream,
-            None => return,
-        },
+    // Not cut short by a drain: the client is waiting for its first answer (the handshake
+    // is bounded by `handshake_timeout`).
+    let Some(stream) = tls.handshake(stream, client).await else {
+        return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_http2(&settings, stream, client, proxy, slot, &mut drain).await;
@@ -359,10 +369,16 @@ async fn first_bytes(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut detect = std::pin::pin!(tokio::time::timeout_at(deadline, detect));
     tokio::select! {
         biased;
-        _ = drain.changed() => First::Closed,
-        first = tokio::time::timeout(timeout, detect) => first.unwrap_or(First::Closed),
+        first = &mut detect => first.unwrap_or(First::Closed),
+        // A connection accepted before the drain still gets its first request served if it
+        // comes soon; one that stays silent is closed.
+        _ = drain.changed() => tokio::time::timeout(DRAIN_FIRST_BYTES, detect)
+            .await
+            .map_or(First::Closed, |first| first.unwrap_or(First::Closed)),
     }
 }
 
@@ -381,6 +397,8 @@ async fn serve_http2<S: ParkStream>(
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let mut drained = std::pin::pin!(drain.changed());
+    let mut closing = settings.closing.subscribe();
+    let mut closed = std::pin::pin!(closing.wait_for(|closing| *closing));
     let mut draining = false;
     let result = loop {
         tokio::select! {
@@ -389,6 +407,8 @@ async fn serve_http2<S: ParkStream>(
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
+            // The drain outlasted `shutdown_timeout`: close, whatever is in flight.
+            _ = &mut closed => return,
         }
     };
     if let Err(error) = result {
@@ -422,7 +442,17 @@ async fn serve_round<S: ParkStream>(
             _ = ticks.tick() => {
                 // The server's shutdown is noticed at a tick: polling the shared channel on
                 // every wake-up of every connection would take its lock on the hot path.
-                if !draining && drain.has_changed().unwrap_or(true) {
+                if *settings.closing.borrow() {
+                    // The drain outlasted `shutdown_timeout`: close, whatever is in flight.
+                    return None;
+                }
+                // A round that has not started a request yet was opened by the client's
+                // bytes (a new connection, or one resumed from the lot): its request is
+                // served before the drain closes it (hyper's header timer bounds the wait).
+                if !draining
+                    && drain.has_changed().unwrap_or(true)
+                    && state.started.load(Relaxed) != round_start
+                {
                     // Finish what is in flight, then really close.
                     draining = true;
                     state.parking.store(false, Relaxed);

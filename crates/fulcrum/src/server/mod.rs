@@ -13,7 +13,7 @@ use tokio::sync::{watch, Mutex};
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
 use crate::config::{AdminConfig, Config, ListenerConfig, ListenerProtocol, RuntimeShape};
 use crate::listener::tls::{CertStore, TlsListener};
-use crate::listener::{bind, start_listener, ListenerTask};
+use crate::listener::{bind, duplicate, start_listener, ListenerTask};
 pub use crate::listener::{BoundListener, ListenerStats};
 use crate::manager::PoolManager;
 use crate::pool::{Pool, PoolHandle};
@@ -277,7 +277,7 @@ impl Server {
         let Prepared {
             to_start,
             mut certs,
-        } = self.prepare_listeners(&plan, &config)?;
+        } = self.prepare_listeners(&plan, &config, &running.listeners)?;
         let pools = self.apply_pools(&plan, &config).await?;
         self.apply_autoscale(&mut running, &plan, &config, &pools);
 
@@ -345,11 +345,14 @@ impl Server {
     /// Everything about the listeners that can fail, before anything changes: each listener
     /// to bind names a defined pool, every TLS listener's certificates load (kept listeners'
     /// too, so a bad file refuses the whole reload), and the new and changed listeners' sockets
-    /// bind.
+    /// bind. A changed listener whose address stays the same is handed the running one's
+    /// sockets (duplicated) instead: nothing is re-bound or closed, so no connection waiting
+    /// in an accept queue is reset.
     fn prepare_listeners(
         &self,
         plan: &ReloadPlan,
         config: &Config,
+        running: &BTreeMap<String, ListenerTask>,
     ) -> Result<Prepared, ServerError> {
         let to_bind = plan.listeners.to_bind();
         for name in &to_bind {
@@ -386,12 +389,18 @@ impl Server {
                 _ => None,
             };
             let address = listener.listen.0;
-            let sockets = bind(address, self.workers.sockets_per_listener()).map_err(|error| {
-                ServerError::Bind {
-                    listener: name.to_string(),
-                    address,
-                    source: error.into(),
-                }
+            let carried = running
+                .get(name)
+                .filter(|old| old.config.listen.0 == address)
+                .map(|old| duplicate(&old.sockets));
+            let sockets = match carried {
+                Some(sockets) => sockets,
+                None => bind(address, self.workers.sockets_per_listener()),
+            }
+            .map_err(|error| ServerError::Bind {
+                listener: name.to_string(),
+                address,
+                source: error.into(),
             })?;
             to_start.push(ToStart {
                 name: name.to_string(),
