@@ -104,7 +104,7 @@ async fn a_changed_listener_keeps_its_socket_and_loses_no_connection() {
     }
     stop.store(true, Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
-    let failures = failures.lock().unwrap();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
     assert!(
         failures.is_empty(),
         "{} failures: {:?}",
