@@ -138,6 +138,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_logging(cli_format.unwrap_or(config.server.log_format));
+            raise_file_limit(&config);
             if let Some(workers) = workers {
                 config.server.workers = workers;
             }
@@ -341,6 +342,35 @@ fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
     Box::pin(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+/// Raises the open file limit to the hard limit and warns when it cannot hold what the
+/// listeners' `max_connections` allow (reloads that raise them are not checked).
+fn raise_file_limit(config: &Config) {
+    use fulcrum::runtime::fdlimit;
+    let limit = match fdlimit::raise() {
+        Ok(raised) => {
+            if raised.now != raised.before {
+                tracing::info!(
+                    from = raised.before,
+                    to = raised.now,
+                    "open file limit raised"
+                );
+            }
+            raised.now
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open file limit");
+            match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+                Ok((soft, _)) => soft,
+                Err(_) => return,
+            }
+        }
+    };
+    let needed = fdlimit::needed(config.listeners.values().map(|l| l.max_connections));
+    if let Some(warning) = fdlimit::shortfall(needed, limit) {
+        tracing::warn!(limit, needed, "{warning}");
+    }
 }
 
 fn init_logging(format: LogFormat) {
