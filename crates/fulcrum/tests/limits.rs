@@ -231,3 +231,24 @@ async fn http2_settings_are_the_listener_s() {
         assert_eq!(settings.get(&6), Some(&65536), "{extra}: {settings:?}");
     }
 }
+
+const PING: u8 = 6;
+
+#[tokio::test]
+async fn an_http2_client_that_does_not_answer_keep_alive_pings_is_closed() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(
+        &config(
+            backend.addr,
+            "keep_alive_timeout = \"60s\"\n\
+             h2_keep_alive_interval = \"300ms\"\nh2_keep_alive_timeout = \"300ms\"",
+        ),
+        1,
+    );
+    let started = Instant::now();
+    let mut stream = h2c_handshake(lb.addr).await;
+    let (kinds, closed) = frames_until_closed(&mut stream, Duration::from_secs(8)).await;
+    assert!(kinds.contains(&PING), "{kinds:?}");
+    let waited = closed - started;
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+}
