@@ -138,7 +138,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_logging(cli_format.unwrap_or(config.server.log_format));
-            raise_file_limit(&config);
+            raise_file_limit();
             if let Some(workers) = workers {
                 config.server.workers = workers;
             }
@@ -344,32 +344,19 @@ fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
     })
 }
 
-/// Raises the open file limit to the hard limit and warns when it cannot hold what the
-/// listeners' `max_connections` allow (reloads that raise them are not checked).
-fn raise_file_limit(config: &Config) {
-    use fulcrum::runtime::fdlimit;
-    let limit = match fdlimit::raise() {
-        Ok(raised) => {
-            if raised.now != raised.before {
-                tracing::info!(
-                    from = raised.before,
-                    to = raised.now,
-                    "open file limit raised"
-                );
-            }
-            raised.now
+/// Raises the open file limit to the hard limit (the server warns, at start and at each
+/// reload, when it cannot hold what the listeners' `max_connections` allow).
+fn raise_file_limit() {
+    match fulcrum::runtime::fdlimit::raise() {
+        Ok(raised) if raised.now != raised.before => {
+            tracing::info!(
+                from = raised.before,
+                to = raised.now,
+                "open file limit raised"
+            );
         }
-        Err(error) => {
-            tracing::warn!(%error, "cannot raise the open file limit");
-            match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-                Ok((soft, _)) => soft,
-                Err(_) => return,
-            }
-        }
-    };
-    let needed = fdlimit::needed(config.listeners.values().map(|l| l.max_connections));
-    if let Some(warning) = fdlimit::shortfall(needed, limit) {
-        tracing::warn!(limit, needed, "{warning}");
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
     }
 }
 

@@ -48,6 +48,27 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     let logs = lb.logs();
     assert!(logs.contains("open file limit raised"), "{logs}");
     assert!(!logs.contains("open file limit ("), "{logs}");
+    // A reload to more connections than 4096 descriptors hold is warned about.
+    let path = lb.config_path.clone().unwrap();
+    std::fs::write(&path, config(backend.addr, "max_connections = 3000")).unwrap();
+    lb.signal("HUP");
+    assert!(
+        wait_for_log(&lb, "the open file limit (4096)"),
+        "{}",
+        lb.logs()
+    );
+}
+
+/// Waits (up to 5 s) for `text` in `lb`'s log.
+fn wait_for_log(lb: &Proc, text: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lb.logs().contains(text) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 #[cfg(target_os = "linux")]
@@ -57,13 +78,12 @@ fn a_hard_limit_below_what_max_connections_needs_is_warned_about() {
     // 10 000 connections may need 20 256 descriptors.
     let lb = balancer_with_nofile_limits(&config(backend.addr, ""), 1, 256, 1024);
     assert_eq!(nofile_limits(lb.pid()), (1024, 1024));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut logs = lb.logs();
-    while !logs.contains("the open file limit (1024)") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        logs = lb.logs();
-    }
-    assert!(logs.contains("the open file limit (1024)"), "{logs}");
+    assert!(
+        wait_for_log(&lb, "the open file limit (1024)"),
+        "{}",
+        lb.logs()
+    );
+    let logs = lb.logs();
     assert!(logs.contains("(20256: two descriptors"), "{logs}");
 }
 

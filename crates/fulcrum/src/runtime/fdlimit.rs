@@ -66,6 +66,18 @@ pub fn raise() -> nix::Result<Raised> {
     })
 }
 
+/// Logs a warning when the soft limit in force cannot hold what listeners with these
+/// `max_connections` may need (see [`needed`]).
+pub fn warn_if_short(max_connections: impl IntoIterator<Item = usize>) {
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let needed = needed(max_connections);
+    if let Some(warning) = shortfall(needed, limit) {
+        tracing::warn!(limit, needed, "{warning}");
+    }
+}
+
 /// The warning to log when `limit` descriptors cannot hold `needed` ones, if so.
 pub fn shortfall(needed: rlim_t, limit: rlim_t) -> Option<String> {
     (needed > limit).then(|| {

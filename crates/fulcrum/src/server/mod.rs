@@ -321,6 +321,9 @@ impl Server {
                 tls.install(store);
             }
         }
+        crate::runtime::fdlimit::warn_if_short(
+            running.listeners.values().map(|l| l.config.max_connections),
+        );
         running.config = config;
         self.listener_stats.store(Arc::new(
             running
