@@ -560,8 +560,8 @@ impl Drop for Finished<'_> {
 
 /// The connection's hyper service: every request goes to the proxy (an upgrade request with
 /// the connection's slot), counted. Written out rather than wrapping a plain service: a wrapper
-/// future costs one more copy of the ~4 KB
-/// request future per request (callgrind: +1 000 instructions per request).
+/// future costs one more copy of the ~4 KB request future per request (callgrind: +1 000
+/// instructions per request).
 fn service(
     ctx: Arc<Ctx>,
 ) -> impl hyper::service::Service<
