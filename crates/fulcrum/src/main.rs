@@ -260,18 +260,11 @@ async fn run_until_signal(
     path: Option<&Path>,
     workers_override: Option<usize>,
 ) -> Result<()> {
-    let admin = config.admin.clone();
     let stop = stop_signal();
     let server = Server::start(config, path.map(Path::to_path_buf), workers_override).await?;
     reload_on_sighup(server.clone());
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_address = fulcrum::control::admin::start(
-        admin.listen.get_ref().0,
-        admin.token,
-        server.clone(),
-        admin_stopped,
-    )
-    .await?;
+    let admin_address = fulcrum::control::admin::start(server.clone(), admin_stopped).await?;
     for listener in server.listeners().await {
         println!(
             "listening {} {}://{} pool={}",

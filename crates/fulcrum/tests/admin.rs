@@ -314,6 +314,261 @@ async fn api_validates_input_and_applies_weight_and_drain() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_and_rebinding_requests_change_nothing() {
+    let (a, c) = (backend("a", 0), backend("c", 0));
+    let lb = balancer(&[(a.addr, 1)], "");
+    let api = lb.admin_url();
+    let admin = lb.listeners["admin"];
+    let client = client();
+    let add = format!("{api}/api/pools/app/backends");
+    let body = json!({ "address": c.addr.to_string() }).to_string();
+
+    // A form-like cross-site POST (text/plain, no preflight): 415, nothing added.
+    let plain = client
+        .post(&add)
+        .header("content-type", "text/plain")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 415);
+    // Cross-site by Origin or Sec-Fetch-Site: 403, even with a JSON body or none.
+    let evil = client
+        .post(&add)
+        .header("origin", "http://evil.example")
+        .json_body(&json!({ "address": c.addr.to_string() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(evil.status(), 403);
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+    ] {
+        let reload = client
+            .post(format!("{api}/api/reload"))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reload.status(), 403, "{name}: {value}");
+    }
+    let read = client
+        .get(format!("{api}/api/pools"))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 403);
+    let backends = app_backends(&lb).await;
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    let events = admin_get(&lb, "/api/events").await;
+    assert!(
+        !events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reload" || e["kind"] == "reload_failed"),
+        "{events}"
+    );
+
+    // DNS rebinding: a foreign Host is refused; the admin's own names are served.
+    let pools = "GET /api/pools HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n";
+    let port = admin.port();
+    for host in [
+        format!("evil.example:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+        "127.0.0.1".to_string(),
+    ] {
+        let answer = raw(admin, &pools.replace("{host}", &host)).await;
+        assert!(answer.starts_with("HTTP/1.1 421"), "{host}: {answer}");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let answer = raw(admin, &pools.replace("{host}", &host)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    // HTTP/1.0 without Host: fine on loopback.
+    let answer = raw(admin, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+
+    // The same page (same origin, JSON) may write.
+    let same = client
+        .post(&add)
+        .header("origin", format!("http://localhost:{port}"))
+        .header("sec-fetch-site", "same-origin")
+        .json_body(&json!({ "address": c.addr.to_string() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 201);
+    assert_eq!(app_backends(&lb).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_hosts_and_token_follow_a_reload() {
+    let a = backend("a", 0);
+    let config = config_for(&[(a.addr, 1)], "");
+    let lb = balancer_with(&config, 1);
+    let path = lb.config_path.clone().unwrap();
+    let admin = lb.listeners["admin"];
+    let url = format!("{}/api/pools", lb.admin_url());
+    let client = client();
+    let status = |token: Option<&'static str>| {
+        let mut request = client.get(&url);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(None).await, 200);
+    let named = "GET /healthz HTTP/1.1\r\nHost: lb.internal\r\nConnection: close\r\n\r\n"
+        .replace("lb.internal", &format!("lb.internal:{}", admin.port()));
+    assert!(raw(admin, &named).await.starts_with("HTTP/1.1 421"));
+
+    // A token (and a host name) set by reload through the API: in force at once.
+    let with = |extra: &str| {
+        config.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"),
+        )
+    };
+    std::fs::write(
+        &path,
+        with("token = \"t0ken\"\nallowed_hosts = [\"lb.internal\"]"),
+    )
+    .unwrap();
+    let reload = client
+        .post(format!("{}/api/reload", lb.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let answer = reload.text().await.unwrap();
+    assert!(!answer.contains("[admin]"), "{answer}");
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("nope")).await, 401);
+    assert_eq!(status(Some("t0ken")).await, 200);
+    let answer = raw(admin, &named).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // Changed again by SIGHUP: the old token stops working.
+    std::fs::write(&path, with("token = \"n3w\"")).unwrap();
+    lb.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(Some("n3w")).await == 200
+        })
+        .await,
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(status(Some("t0ken")).await, 401);
+    assert!(raw(admin, &named).await.starts_with("HTTP/1.1 421"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_bounded_in_number_and_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = backend("a", 0);
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_read_timeout = \"1s\"\nidle_timeout = \"30s\"",
+    );
+    let lb = balancer_with(&config, 1);
+    let admin = lb.listeners["admin"];
+    // Two connections: one silent, one that stops half-way through its headers.
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(admin).await.unwrap();
+    partial
+        .write_all(b"GET /api/pools HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third is over the cap: closed at once.
+    let mut third = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "third connection not closed at once: {read:?}"
+    );
+    // Both are closed after the header read timeout.
+    for (name, stream) in [("silent", &mut silent), ("partial", &mut partial)] {
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut all = Vec::new();
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{name} connection still open");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+    // Slots free again.
+    let answer = raw(
+        admin,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_admin_request_body_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = backend("a", 0);
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"30s\"\nidle_timeout = \"1s\"",
+    );
+    let lb = balancer_with(&config, 1);
+    let admin = lb.listeners["admin"];
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let head = format!(
+        "POST /api/pools/app/backends HTTP/1.1\r\nHost: {admin}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"address\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "stalled connection still open");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(app_backends(&lb).await.len(), 1);
+}
+
+/// Sends `request` on a new connection to `address` and reads the answer to its end.
+async fn raw(address: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answer within 10s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// JSON request bodies without reqwest's `json` feature.
 trait JsonBody {
     fn json_body(self, value: &serde_json::Value) -> Self;

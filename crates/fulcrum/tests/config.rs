@@ -148,8 +148,8 @@ fn bad_autoscale_tables_name_line_and_column() {
         ),
         (
             table("provider = \"command\"\nscale_up = [\"up\"]\nscale_down = [\"down\"]\nmetric = \"rps_per_backend\"\ntarget = 0\nmax = 2"),
-            "FILE:9:1:",
-            "target must be greater than 0",
+            "FILE:14:10:",
+            "`pools.app.autoscale.target` must be a number greater than 0, not 0",
         ),
     ];
     for (text, position, expected) in cases {
@@ -161,4 +161,39 @@ fn bad_autoscale_tables_name_line_and_column() {
     let good = table("provider = \"process\"\ncommand = [\"fulcrum\", \"backend\", \"--listen\", \"127.0.0.1:{port}\"]\nmetric = \"inflight_per_backend\"\ntarget = 4\nmax = 4");
     let (code, stderr) = check(&good);
     assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn out_of_range_numbers_and_durations_name_key_range_and_place() {
+    let cases = [
+        (
+            GOOD.replace("pool = \"app\"", "pool = \"app\"\nmax_connections = 3000000000000000000"),
+            "FILE:4:19: `listeners.web.max_connections` must be between 1 and 1000000, not 3000000000000000000",
+        ),
+        (
+            GOOD.replace("connect = \"1s\"", "connect = \"0s\""),
+            "FILE:8:11: `pools.app.timeouts.connect` must be between 1ms and 1d, not 0s",
+        ),
+        (
+            GOOD.replace("connect = \"1s\"", "connect = \"300000000000years\""),
+            "FILE:8:11: `pools.app.timeouts.connect` must be between 1ms and 1d, not 300000000000years",
+        ),
+        (
+            format!("{GOOD}[pools.app.health]\ninterval = \"0s\"\n"),
+            "FILE:10:12: `pools.app.health.interval` must be between 10ms and 1d, not 0s",
+        ),
+        (
+            GOOD.replace("[pools.app.timeouts]", "resolve_every = \"0s\"\n[pools.app.timeouts]"),
+            "FILE:7:17: `pools.app.resolve_every` must be between 100ms and 1d, not 0s",
+        ),
+        (
+            format!("{GOOD}[pools.app.passive]\nmax_ejected_percent = 101\n"),
+            "FILE:10:23: `pools.app.passive.max_ejected_percent` must be between 0 and 100, not 101",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (code, stderr) = check(&text);
+        assert_eq!(code, 1, "{text}\n{stderr}");
+        assert!(stderr.starts_with(expected), "want {expected} got {stderr}");
+    }
 }

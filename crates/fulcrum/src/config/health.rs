@@ -112,7 +112,8 @@ pub struct PassiveConfig {
     pub ejection_time: ConfigDuration,
     /// Longest single ejection.
     pub max_ejection_time: ConfigDuration,
-    /// Never eject more than this share of the pool (percent).
+    /// Never eject more than this share of the pool (percent), except that one backend may
+    /// always be ejected when this is above 0 (as Envoy), so small pools still eject.
     pub max_ejected_percent: u8,
 }
 
@@ -123,7 +124,7 @@ impl Default for PassiveConfig {
             consecutive_failures: 5,
             ejection_time: ConfigDuration(Duration::from_secs(10)),
             max_ejection_time: ConfigDuration(Duration::from_secs(300)),
-            max_ejected_percent: 50,
+            max_ejected_percent: 10,
         }
     }
 }

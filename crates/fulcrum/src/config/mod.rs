@@ -4,6 +4,7 @@
 mod autoscale;
 pub mod certs;
 mod health;
+mod ranges;
 mod tls;
 mod types;
 
@@ -121,8 +122,19 @@ pub enum LogFormat {
 pub struct AdminConfig {
     /// Admin listen address; loopback by default.
     pub listen: Spanned<ListenAddr>,
-    /// Bearer token; required when `listen` is not a loopback address.
+    /// Bearer token; required when `listen` is not a loopback address. Re-read on reload.
     pub token: Option<String>,
+    /// Host names (`name` or `name:port`; without a port, the admin's port) that clients may
+    /// use in `Host` and `Origin` besides the listen address (and `localhost` on loopback).
+    /// Re-read on reload.
+    pub allowed_hosts: Vec<String>,
+    /// Open admin connections above this are closed at accept.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; a keep-alive connection silent this long
+    /// before its next request is closed too.
+    pub header_read_timeout: ConfigDuration,
+    /// A connection that reads and writes nothing for this long is closed.
+    pub idle_timeout: ConfigDuration,
 }
 
 impl Default for AdminConfig {
@@ -130,6 +142,10 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([127, 0, 0, 1], 9090)))),
             token: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            header_read_timeout: ConfigDuration(Duration::from_secs(10)),
+            idle_timeout: ConfigDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -187,7 +203,7 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub tls: Option<ListenerTlsConfig>,
     /// HTTP/2: streams one client connection may have open at once (advertised as
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; at least 1).
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; 1 to 10000).
     #[serde(default = "default_h2_max_concurrent_streams")]
     pub h2_max_concurrent_streams: u32,
     /// HTTP/2: each stream's receive window, the request body bytes a client may send before
@@ -197,7 +213,8 @@ pub struct ListenerConfig {
     /// HTTP/2: the connection's receive window, shared by all its streams (65535 to 2^31-1).
     #[serde(default = "default_h2_connection_window")]
     pub h2_connection_window: u32,
-    /// HTTP/2: response body bytes buffered per stream for a client that reads slowly.
+    /// HTTP/2: response body bytes buffered per stream for a client that reads slowly (1 KiB
+    /// to 16 MiB).
     #[serde(default = "default_h2_max_send_buffer")]
     pub h2_max_send_buffer: usize,
     /// HTTP/2: a PING is sent after this long without frames from the client; "0s" sends none.
@@ -446,8 +463,8 @@ impl Config {
         let mut config: Config =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
         config.resolve_paths(file.parent());
-        config
-            .validate()
+        ranges::check(&config, text)
+            .and_then(|()| config.validate())
             .and_then(|()| config.validate_tls())
             .map_err(|(span, message)| at(Some(span), message))?;
         Ok(config)
@@ -558,30 +575,6 @@ impl Config {
                     ),
                 ));
             }
-            if listener.idle_timeout.0.is_zero() {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: idle_timeout must be longer than 0s"),
-                ));
-            }
-            if listener.keep_alive_timeout.0.is_zero() {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: keep_alive_timeout must be longer than 0s"),
-                ));
-            }
-            if listener.park_after.0 < Duration::from_millis(10) {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: park_after must be at least 10ms"),
-                ));
-            }
-            if listener.max_header_bytes < 8192 {
-                return Err((
-                    listener.pool.span(),
-                    format!("listener `{name}`: max_header_bytes must be at least 8192"),
-                ));
-            }
         }
         for (name, pool) in &self.pools {
             if pool.backends.get_ref().is_empty() && pool.autoscale.is_none() {
@@ -632,12 +625,6 @@ impl Config {
                         format!("pool `{name}`: bounded_load must be a number of at least 1.0 (like 1.25), not {c}"),
                     ));
                 }
-            }
-            if pool.max_attempts == 0 {
-                return Err((
-                    pool.backends.span(),
-                    format!("pool `{name}`: max_attempts must be at least 1"),
-                ));
             }
         }
         let admin = self.admin.listen.get_ref().0;

@@ -691,10 +691,13 @@ mod tests {
     #[test]
     fn bad_park_settings_are_refused_with_their_rule() {
         for (extra, rule) in [
-            ("park_after = \"5ms\"", "park_after must be at least 10ms"),
+            (
+                "park_after = \"5ms\"",
+                "`listeners.web.park_after` must be between 10ms and 1d",
+            ),
             (
                 "keep_alive_timeout = \"0s\"",
-                "keep_alive_timeout must be longer than 0s",
+                "`listeners.web.keep_alive_timeout` must be between 1ms and 1d",
             ),
             ("keep_alive_timeout = \"soon\"", "invalid duration \"soon\""),
         ] {

@@ -250,6 +250,15 @@ impl<'a> Attempts<'a> {
     }
 }
 
+/// Whether one more of `pool_size` backends may be ejected while `ejected` already are: the
+/// share stays within `max_percent`, except that the first ejection is always allowed when
+/// `max_percent` is above 0 (as Envoy does), so a pool of three with the default 10% can still
+/// eject its one bad backend, and a client that makes backends fail cannot empty the pool.
+fn may_eject_another(ejected: usize, pool_size: usize, max_percent: u8) -> bool {
+    let max_percent = usize::from(max_percent);
+    max_percent > 0 && (ejected == 0 || (ejected + 1) * 100 <= pool_size * max_percent)
+}
+
 impl HttpProxy {
     /// Charges `backend` (of `snapshot`) with `blame`: failure counter, connect back-off,
     /// and passive ejection, capped at the pool's `max_ejected_percent`.
@@ -265,7 +274,7 @@ impl HttpProxy {
         };
         let may_eject = || {
             let ejected = snapshot.backends.iter().filter(|b| b.is_ejected()).count();
-            (ejected + 1) * 100 <= snapshot.backends.len() * usize::from(policy.max_ejected_percent)
+            may_eject_another(ejected, snapshot.backends.len(), policy.max_ejected_percent)
         };
         if let Some(duration) = backend.record_passive_failure(policy, may_eject) {
             self.events.record(
@@ -297,6 +306,18 @@ impl HttpProxy {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ejection_is_capped_by_share_but_one_is_always_allowed() {
+        assert!(may_eject_another(0, 3, 10));
+        assert!(!may_eject_another(1, 3, 10));
+        assert!(may_eject_another(1, 20, 10));
+        assert!(!may_eject_another(2, 20, 10));
+        assert!(may_eject_another(1, 4, 50));
+        assert!(!may_eject_another(2, 4, 50));
+        assert!(!may_eject_another(0, 3, 0));
+        assert!(may_eject_another(9, 10, 100));
+    }
     use std::path::Path;
 
     use std::sync::Arc;

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Mutex};
 
 use crate::autoscale::{AutoscaleStats, AutoscaleStatus, AutoscalerHandle};
-use crate::config::{Config, ListenerConfig, ListenerProtocol, RuntimeShape};
+use crate::config::{AdminConfig, Config, ListenerConfig, ListenerProtocol, RuntimeShape};
 use crate::listener::tls::{CertStore, TlsListener};
 use crate::listener::{bind, start_listener, ListenerTask};
 pub use crate::listener::{BoundListener, ListenerStats};
@@ -50,6 +50,8 @@ pub struct Server {
     autoscale_stats: ArcSwap<Vec<(String, Arc<AutoscaleStats>)>>,
     /// Reloads applied and refused since start.
     pub reloads: ReloadCounters,
+    /// `[admin]` of the configuration in force (lock-free read, per admin request).
+    admin: ArcSwap<AdminConfig>,
     /// Where listeners are served: per-core worker runtimes, or the current runtime.
     workers: Workers,
     /// `--workers` from the command line, applied to every config.
@@ -171,6 +173,7 @@ impl Server {
             listener_stats: ArcSwap::from_pointee(Vec::new()),
             autoscale_stats: ArcSwap::from_pointee(Vec::new()),
             reloads: ReloadCounters::default(),
+            admin: ArcSwap::from_pointee(config.admin.clone()),
             workers,
             workers_override,
         });
@@ -201,6 +204,12 @@ impl Server {
     /// The control-plane event log.
     pub fn events(&self) -> &Arc<EventLog> {
         &self.events
+    }
+
+    /// `[admin]` of the configuration in force, without waiting for a reload in progress:
+    /// the admin API reads its token and allowed host names here on every request.
+    pub fn admin_config(&self) -> Arc<AdminConfig> {
+        self.admin.load_full()
     }
 
     /// The configuration in force.
@@ -324,6 +333,7 @@ impl Server {
         crate::runtime::fdlimit::warn_if_short(
             running.listeners.values().map(|l| l.config.max_connections),
         );
+        self.admin.store(Arc::new(config.admin.clone()));
         running.config = config;
         self.listener_stats.store(Arc::new(
             running
@@ -592,6 +602,34 @@ mod tests {
         assert_eq!(report.to_string(), "pools updated: app");
         assert!(algorithm() != before);
         assert_eq!(addresses(server.listeners().await), bound);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_with_a_value_out_of_range_is_refused_at_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fulcrum.toml");
+        std::fs::write(&path, config_text("127.0.0.1:0", "round_robin")).unwrap();
+        let server = Server::start(Config::load(&path).unwrap(), Some(path.clone()), None)
+            .await
+            .unwrap();
+        let algorithm = || server.pools()["app"].pool.snapshot().settings.algorithm;
+        let before = algorithm();
+        // `fulcrum check` refuses this (a zero interval would busy-loop discovery): so does
+        // a reload, through the same Config::load, and nothing changes.
+        let text = config_text("127.0.0.1:0", "least_conn") + "resolve_every = \"0s\"\n";
+        std::fs::write(&path, text).unwrap();
+        let error = server.reload().await.unwrap_err();
+        let ServerError::Config(error) = &error else {
+            panic!("{error:#}");
+        };
+        assert_eq!((error.line, error.column), (15, 17), "{error}");
+        assert_eq!(
+            error.message,
+            "`pools.app.resolve_every` must be between 100ms and 1d, not 0s"
+        );
+        assert!(algorithm() == before, "the pool was reconfigured");
+        assert_eq!(server.reloads.refused.load(Ordering::Relaxed), 1);
         server.shutdown().await;
     }
 

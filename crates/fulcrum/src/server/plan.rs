@@ -213,9 +213,20 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("[server] log_format", o.log_format != n.log_format),
         (
-            "[admin]",
-            old.admin.listen.get_ref() != new.admin.listen.get_ref()
-                || old.admin.token != new.admin.token,
+            "[admin] listen",
+            old.admin.listen.get_ref() != new.admin.listen.get_ref(),
+        ),
+        (
+            "[admin] max_connections",
+            old.admin.max_connections != new.admin.max_connections,
+        ),
+        (
+            "[admin] header_read_timeout",
+            old.admin.header_read_timeout != new.admin.header_read_timeout,
+        ),
+        (
+            "[admin] idle_timeout",
+            old.admin.idle_timeout != new.admin.idle_timeout,
         ),
     ]
     .into_iter()

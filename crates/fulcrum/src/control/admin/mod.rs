@@ -1,10 +1,16 @@
 //! The admin listener: REST API over the pools (JSON in and out), reload, events.
-//! Loopback by default; when a token is configured every call needs `Authorization: Bearer`.
+//! Loopback by default and safe by default: every call passes the checks of `auth.rs` (its
+//! `Host` names the admin, it is not cross-site, a write's body is JSON, the bearer token when
+//! there is one); the listener bounds its connections, their header read time and idle time.
 
 mod auth;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -13,9 +19,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::control::api;
 use crate::pool::{PoolError, PoolHandle};
@@ -243,8 +254,14 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-/// The admin API's routes.
-pub fn router(server: Arc<Server>, token: Option<String>) -> Router {
+/// The admin API's routes, behind the checks of every call (`auth.rs`: `Host`, cross-site,
+/// JSON writes, token). `generated_token` is the token made at start for a public address
+/// without one; the configured token (re-read on every call) takes its place.
+pub fn router(server: Arc<Server>, generated_token: Option<String>) -> Router {
+    let guard = Arc::new(auth::Guard {
+        server: server.clone(),
+        generated_token,
+    });
     Router::new()
         .route("/api/pools", get(list_pools))
         .route("/api/pools/{pool}", get(show_pool))
@@ -259,10 +276,7 @@ pub fn router(server: Arc<Server>, token: Option<String>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(token.filter(|t| !t.is_empty())),
-            auth::require_token,
-        ))
+        .layer(axum::middleware::from_fn_with_state(guard, auth::guard))
         .with_state(server)
 }
 
@@ -280,15 +294,28 @@ pub enum AdminError {
     /// The address of the bound socket cannot be read.
     #[error("cannot read the admin API's listening address: {0}")]
     LocalAddr(std::io::Error),
+    /// No token could be generated for a public admin address.
+    #[error("cannot generate a token for the admin API: {0}")]
+    Token(std::io::Error),
+}
+
+/// The admin listener's limits (`[admin]`, read at start).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// Binds the admin listener; serving runs in a background task until `stop` turns true.
+///
+/// Listening off loopback without a token, it generates one and prints it once on stderr.
 pub async fn start(
-    listen: SocketAddr,
-    token: Option<String>,
     server: Arc<Server>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, AdminError> {
+    let admin = server.admin_config();
+    let listen = admin.listen.get_ref().0;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|error| AdminError::Listen {
@@ -296,14 +323,202 @@ pub async fn start(
             error,
         })?;
     let address = listener.local_addr().map_err(AdminError::LocalAddr)?;
-    let app = router(server, token);
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-        });
-        if let Err(error) = served.await {
-            tracing::error!(%error, "admin API stopped");
-        }
-    });
+    let generated_token = if auth::needs_generated_token(listen, admin.token.as_deref()) {
+        let token = auth::generate_token().map_err(AdminError::Token)?;
+        eprintln!(
+            "admin API on {address} has no [admin] token: generated one for this run: {token}"
+        );
+        tracing::warn!(%address, "admin API listens off loopback without a token: generated one (printed on stderr)");
+        Some(token)
+    } else {
+        None
+    };
+    let limits = Limits {
+        max_connections: admin.max_connections.max(1),
+        header_read_timeout: admin.header_read_timeout.0,
+        idle_timeout: admin.idle_timeout.0,
+    };
+    let app = router(server, generated_token);
+    tokio::spawn(serve(listener, app, limits, stop));
     Ok(address)
+}
+
+/// Accepts admin connections until `stop` turns true: at most `max_connections` at once (more
+/// are closed at accept), each served with hyper's header read timeout and closed when idle.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_BUF)
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%client, max_connections = limits.max_connections, "admin API: connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            local,
+            builder.clone(),
+            app.clone(),
+            limits.idle_timeout,
+            stop.clone(),
+            slot,
+        ));
+    }
+}
+
+/// Largest request head the admin reads.
+const MAX_BUF: usize = 64 * 1024;
+
+/// Serves one admin connection: closed after `idle_timeout` without a byte read or written;
+/// at shutdown, its request in flight finishes first (for a few seconds at most).
+async fn serve_connection(
+    stream: TcpStream,
+    local: SocketAddr,
+    builder: Arc<http1::Builder>,
+    app: Router,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = Tracked {
+        stream,
+        activity: activity.clone(),
+    };
+    let service = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(auth::LocalAddr(local));
+        hyper::service::Service::call(&service, request)
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    loop {
+        let deadline = activity.last() + idle_timeout;
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if activity.last() + idle_timeout <= Instant::now() {
+                    tracing::debug!(?idle_timeout, "admin API: idle connection closed");
+                    return;
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+}
+
+/// When a connection last read or wrote a byte.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A TCP stream that notes each read or write in its [`Activity`].
+#[derive(Debug)]
+struct Tracked {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
