@@ -272,3 +272,66 @@ async fn an_http2_client_that_does_not_answer_keep_alive_pings_is_closed() {
     let waited = closed - started;
     assert!(waited < Duration::from_secs(4), "{waited:?}");
 }
+
+/// A WebSocket over HTTP/2 (extended CONNECT) is an open stream: it outlives
+/// `keep_alive_timeout` while quiet, and the connection idles out once it is closed.
+#[tokio::test]
+async fn an_http2_websocket_keeps_its_connection_past_keep_alive_timeout() {
+    use bytes::Bytes;
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+
+    let backend = backend("ws2", 0);
+    let lb = balancer_with(&config(backend.addr, "keep_alive_timeout = \"1s\""), 1);
+    let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+        Instant::now()
+    });
+    // A plain request first: the server's SETTINGS must have enabled extended CONNECT.
+    let get = http::Request::get(format!("http://{}/", lb.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(get).await.unwrap().status(), 200);
+    let mut connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}/ws", lb.addr))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = sender.send_request(connect).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    // Quiet for 2.5 keep_alive_timeouts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    socket.send(Message::text("still here")).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("an echo within 5 s");
+    assert_eq!(echo.unwrap().unwrap(), Message::text("still here"));
+    socket.close(None).await.unwrap();
+    while let Some(Ok(_)) = socket.next().await {}
+    drop(socket);
+    let tunnel_closed = Instant::now();
+    let closed_at = tokio::time::timeout(Duration::from_secs(6), closed)
+        .await
+        .expect("the connection did not idle out after its WebSocket closed")
+        .unwrap();
+    let idle = closed_at - tunnel_closed;
+    assert!(idle < Duration::from_secs(4), "{idle:?}");
+}
