@@ -138,6 +138,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             };
             init_logging(cli_format.unwrap_or(config.server.log_format));
+            raise_file_limit();
             if let Some(workers) = workers {
                 config.server.workers = workers;
             }
@@ -334,6 +335,22 @@ fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
     Box::pin(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+/// Raises the open file limit to the hard limit (the server warns, at start and at each
+/// reload, when it cannot hold what the listeners' `max_connections` allow).
+fn raise_file_limit() {
+    match fulcrum::runtime::fdlimit::raise() {
+        Ok(raised) if raised.now != raised.before => {
+            tracing::info!(
+                from = raised.before,
+                to = raised.now,
+                "open file limit raised"
+            );
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -774,3 +774,69 @@ async fn websocket_to_a_tls_pool_is_encrypted_and_verified() {
         first_bytes.lock().unwrap().clear();
     }
 }
+
+/// HTTP/2 over TLS (ALPN `h2`) holds a connection slot like HTTP/1.1: idle (no stream open)
+/// past `keep_alive_timeout` it gets a GOAWAY and closes; silent after the TLS handshake it is
+/// closed at `header_read_timeout`. The pauses are the timeouts under test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_silent_h2_clients_over_tls_are_closed() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["app.test"]).write(dir.path(), "app");
+    let backend = backend("one", 0);
+    let listener = https_listener(&[(&cert, &key, false)]).replace(
+        "pool = \"app\"\n",
+        "pool = \"app\"\nheader_read_timeout = \"500ms\"\nkeep_alive_timeout = \"1s\"\n",
+    );
+    let lb = balancer_with(&config(&listener, &[backend.addr], ""), 1);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(trusting(&ca.pem())));
+
+    // One request, then idle.
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let tls = connector
+        .connect("app.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+        Instant::now()
+    });
+    let request = http::Request::get(format!("https://app.test:{}/", lb.addr.port()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let answered = Instant::now();
+    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the idle h2 connection was not closed within 5 s")
+        .unwrap();
+    let idle = closed_at - answered;
+    assert!(
+        idle >= Duration::from_millis(800) && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle"
+    );
+
+    // The TLS handshake, then not even the HTTP/2 preface.
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let mut silent = connector
+        .connect("app.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = Instant::now();
+    closed_within(&mut silent, Duration::from_secs(5)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "silent h2 client closed after {waited:?}"
+    );
+}

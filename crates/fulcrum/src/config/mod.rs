@@ -176,10 +176,12 @@ pub struct ListenerConfig {
     /// Open client connections above this are refused (closed at accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// A client must send a complete request head within this time (408-style close).
+    /// A client must send a complete request head (on HTTP/2: the connection preface and its
+    /// SETTINGS) within this time (408-style close).
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout: ConfigDuration,
-    /// An HTTP/1.1 keep-alive client connection idle this long between requests is closed.
+    /// A keep-alive client connection idle this long between requests is closed (on HTTP/2:
+    /// with no stream open, after a GOAWAY).
     #[serde(default = "default_keep_alive_timeout")]
     pub keep_alive_timeout: ConfigDuration,
     /// An HTTP/1.1 client connection without traffic for about this long (between one and two
@@ -200,6 +202,49 @@ pub struct ListenerConfig {
     /// Certificates of an `https` listener.
     #[serde(default)]
     pub tls: Option<ListenerTlsConfig>,
+    /// HTTP/2: streams one client connection may have open at once (advertised as
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; 1 to 10000).
+    #[serde(default = "default_h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: each stream's receive window, the request body bytes a client may send before
+    /// Fulcrum has forwarded them (65535 to 2^31-1).
+    #[serde(default = "default_h2_stream_window")]
+    pub h2_stream_window: u32,
+    /// HTTP/2: the connection's receive window, shared by all its streams (65535 to 2^31-1).
+    #[serde(default = "default_h2_connection_window")]
+    pub h2_connection_window: u32,
+    /// HTTP/2: response body bytes buffered per stream for a client that reads slowly (1 KiB
+    /// to 16 MiB).
+    #[serde(default = "default_h2_max_send_buffer")]
+    pub h2_max_send_buffer: usize,
+    /// HTTP/2: a PING is sent after this long without frames from the client; "0s" sends none.
+    #[serde(default = "default_h2_keep_alive_interval")]
+    pub h2_keep_alive_interval: ConfigDuration,
+    /// HTTP/2: a connection whose client does not answer a keep-alive PING within this is closed.
+    #[serde(default = "default_h2_keep_alive_timeout")]
+    pub h2_keep_alive_timeout: ConfigDuration,
+}
+
+fn default_h2_max_concurrent_streams() -> u32 {
+    // RFC 9113 recommends no fewer than 100; hyper's own default is 200.
+    100
+}
+fn default_h2_stream_window() -> u32 {
+    1024 * 1024
+}
+fn default_h2_connection_window() -> u32 {
+    2 * 1024 * 1024
+}
+fn default_h2_max_send_buffer() -> usize {
+    // hyper's default is 400 KiB per stream: 200 streams of a client that never reads would
+    // hold ~80 MiB.
+    64 * 1024
+}
+fn default_h2_keep_alive_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(20))
+}
+fn default_h2_keep_alive_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(20))
 }
 
 fn default_tunnel_idle_timeout() -> ConfigDuration {

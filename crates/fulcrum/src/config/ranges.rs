@@ -29,6 +29,12 @@ pub(super) const MAX_WORKERS: u64 = 1024;
 pub(super) const MAX_CONNECTIONS: u64 = 1_000_000;
 /// Smallest and largest `max_header_bytes` (hyper's minimum buffer is 8 KiB).
 pub(super) const HEADER_BYTES: (u64, u64) = (8192, 16 * 1024 * 1024);
+/// Most concurrent HTTP/2 streams per client connection.
+pub(super) const MAX_H2_STREAMS: u64 = 10_000;
+/// Smallest and largest HTTP/2 flow-control window (RFC 9113 6.9.2).
+pub(super) const H2_WINDOW: (u64, u64) = (65_535, (1 << 31) - 1);
+/// Smallest and largest HTTP/2 send buffer per stream.
+pub(super) const H2_SEND_BUFFER: (u64, u64) = (1024, 16 * 1024 * 1024);
 /// Largest backend weight.
 pub(super) const MAX_WEIGHT: u64 = 10_000;
 /// Most backends one request may be tried on.
@@ -223,9 +229,47 @@ impl Checker<'_> {
                 ("keep_alive_timeout", listener.keep_alive_timeout, MS, DAY),
                 ("park_after", listener.park_after, 10 * MS, DAY),
                 ("idle_timeout", listener.idle_timeout, MS, YEAR),
+                (
+                    "h2_keep_alive_timeout",
+                    listener.h2_keep_alive_timeout,
+                    MS,
+                    DAY,
+                ),
             ];
             for (k, value, min, max) in timeouts {
                 self.duration(&key(k), value.0, min, max, "")?;
+            }
+            self.duration(
+                &key("h2_keep_alive_interval"),
+                listener.h2_keep_alive_interval.0,
+                Duration::ZERO,
+                DAY,
+                " (0s = no PINGs)",
+            )?;
+            let h2_counts = [
+                (
+                    "h2_max_concurrent_streams",
+                    u64::from(listener.h2_max_concurrent_streams),
+                    (1, MAX_H2_STREAMS),
+                ),
+                (
+                    "h2_stream_window",
+                    u64::from(listener.h2_stream_window),
+                    H2_WINDOW,
+                ),
+                (
+                    "h2_connection_window",
+                    u64::from(listener.h2_connection_window),
+                    H2_WINDOW,
+                ),
+                (
+                    "h2_max_send_buffer",
+                    u64::try_from(listener.h2_max_send_buffer).unwrap_or(u64::MAX),
+                    H2_SEND_BUFFER,
+                ),
+            ];
+            for (k, value, (min, max)) in h2_counts {
+                self.count(&key(k), value, min, max, "")?;
             }
             if let Some(tls) = &listener.tls {
                 self.duration(
@@ -527,6 +571,32 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
     }
 
     #[test]
+    fn http2_limits_are_refused_out_of_range() {
+        for (extra, message) in [
+            (
+                "h2_max_concurrent_streams = 0",
+                "`listeners.web.h2_max_concurrent_streams` must be between 1 and 10000, not 0",
+            ),
+            (
+                "h2_stream_window = 100",
+                "`listeners.web.h2_stream_window` must be between 65535 and 2147483647, not 100",
+            ),
+            (
+                "h2_connection_window = 3000000000",
+                "`listeners.web.h2_connection_window` must be between 65535 and 2147483647, not 3000000000",
+            ),
+            (
+                "h2_max_send_buffer = 0",
+                "`listeners.web.h2_max_send_buffer` must be between 1024 and 16777216, not 0",
+            ),
+        ] {
+            let text = BASE.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{extra}\n"));
+            let (_, _, refused) = refused(&text);
+            assert_eq!(refused, message, "{extra}");
+        }
+    }
+
+    #[test]
     fn huge_counts_are_refused_at_the_value() {
         let text = BASE.replace(
             "pool = \"app\"\n",
@@ -655,6 +725,8 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
             "keep_alive_timeout",
             "park_after",
             "idle_timeout",
+            "h2_keep_alive_interval",
+            "h2_keep_alive_timeout",
         ];
         let mut cases: Vec<(String, String)> = every_duration()
             .into_iter()
@@ -667,6 +739,7 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
         // `@` is where the value goes. Timers and intervals: 0s is refused; elsewhere 0s means something (documented).
         let zero_allowed = [
             "server.shutdown_timeout",
+            "listeners.web.h2_keep_alive_interval",
             "pools.app.failure_backoff",
             "pools.app.drain_timeout",
             "pools.app.latency_decay",

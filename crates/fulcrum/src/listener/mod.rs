@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +19,7 @@ use crate::proxy::http::HttpProxy;
 use crate::runtime::workers::Workers;
 use tls::TlsListener;
 
+mod h2;
 #[cfg(target_os = "linux")]
 mod lot;
 mod park;
@@ -258,8 +258,13 @@ fn bind_one(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The smallest and largest HTTP/2 flow-control windows (RFC 9113 6.9.2).
+const H2_WINDOWS: (u32, u32) = (65_535, (1 << 31) - 1);
+
 /// Builds the hyper server for one listener: HTTP/1.1 with keep-alive and HTTP/2 prior
-/// knowledge, header size and header read time bounded.
+/// knowledge, header size and header read time bounded; HTTP/2 with the listener's stream,
+/// window, buffer and keep-alive PING settings (out-of-range values clamped to what HTTP/2
+/// and hyper accept).
 fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -272,7 +277,22 @@ fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .enable_connect_protocol() // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs
         .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32);
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(config.h2_max_concurrent_streams.max(1))
+        .initial_stream_window_size(config.h2_stream_window.clamp(H2_WINDOWS.0, H2_WINDOWS.1))
+        .initial_connection_window_size(
+            config
+                .h2_connection_window
+                .clamp(H2_WINDOWS.0, H2_WINDOWS.1),
+        )
+        .max_send_buf_size(config.h2_max_send_buffer.clamp(1, u32::MAX as usize));
+    let interval = config.h2_keep_alive_interval.0;
+    if !interval.is_zero() {
+        builder
+            .http2()
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(config.h2_keep_alive_timeout.0);
+    }
     builder
 }
 
@@ -377,29 +397,6 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
             }
         }
     }
-}
-
-/// The hyper service of one client connection: every request goes to `proxy`; an upgrade
-/// request carries the connection's slot, since its tunnel outlives hyper's connection.
-pub(crate) fn client_service(
-    proxy: Arc<HttpProxy>,
-    client: SocketAddr,
-    slot: Arc<ConnectionSlot>,
-) -> impl hyper::service::Service<
-    http::Request<hyper::body::Incoming>,
-    Response = http::Response<crate::proxy::body::ProxyBody>,
-    Error = std::convert::Infallible,
-    Future: Send + 'static,
-> + Clone
-       + Send
-       + 'static {
-    let client_ip = crate::proxy::headers::client_ip_value(client.ip());
-    service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        attach_client_slot(&mut request, &slot);
-        let proxy = proxy.clone();
-        let client_ip = client_ip.clone();
-        async move { proxy.handle(request, client, client_ip).await }
-    })
 }
 
 /// Gives an upgrade request its client connection's slot (the tunnel outlives hyper's

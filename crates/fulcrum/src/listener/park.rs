@@ -46,7 +46,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
-use super::{client_service, ConnectionSlot};
+use super::ConnectionSlot;
 use crate::config::ListenerConfig;
 use crate::listener::tls::TlsListener;
 use crate::proxy::http::HttpProxy;
@@ -117,6 +117,15 @@ impl ParkSettings {
     /// `shutdown_timeout`): HTTP/1 rounds at their next tick, HTTP/2 connections at once.
     pub(crate) fn close_all(&self) {
         self.closing.send_replace(true);
+    }
+
+    /// The timeouts of this listener's HTTP/2 connections.
+    fn h2_timeouts(&self) -> super::h2::Timeouts {
+        super::h2::Timeouts {
+            handshake: self.header_read_timeout,
+            idle: self.keep_alive_timeout,
+            closing: self.closing.subscribe(),
+        }
     }
 
     /// Connections start with a TLS handshake on `tls` (an `https` listener), if given.
@@ -235,8 +244,14 @@ pub(crate) async fn serve(
         First::Closed => return,
         First::Http2 => {
             // Boxed, like the rounds below: a parked connection's task stays small.
-            Box::pin(serve_http2(
-                &settings, stream, client, proxy, slot, &mut drain,
+            Box::pin(super::h2::serve(
+                &settings.auto,
+                settings.h2_timeouts(),
+                stream,
+                client,
+                proxy,
+                slot,
+                &mut drain,
             ))
             .await;
             return;
@@ -270,7 +285,17 @@ async fn serve_tls(
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        serve_http2(&settings, stream, client, proxy, slot, &mut drain).await;
+        let timeouts = settings.h2_timeouts();
+        super::h2::serve(
+            &settings.auto,
+            timeouts,
+            stream,
+            client,
+            proxy,
+            slot,
+            &mut drain,
+        )
+        .await;
         return;
     }
     // hyper's header timer bounds the first request from here.
@@ -379,40 +404,6 @@ async fn first_bytes(
         _ = drain.changed() => tokio::time::timeout(DRAIN_FIRST_BYTES, detect)
             .await
             .map_or(First::Closed, |first| first.unwrap_or(First::Closed)),
-    }
-}
-
-/// Serves an HTTP/2 connection to its end, shutting it down gracefully when `drain` fires.
-async fn serve_http2<S: ParkStream>(
-    settings: &ParkSettings,
-    stream: S,
-    client: SocketAddr,
-    proxy: Arc<HttpProxy>,
-    slot: Arc<ConnectionSlot>,
-    drain: &mut watch::Receiver<()>,
-) {
-    let service = client_service(proxy, client, slot);
-    let connection = settings
-        .auto
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    let mut connection = std::pin::pin!(connection);
-    let mut drained = std::pin::pin!(drain.changed());
-    let mut closing = settings.closing.subscribe();
-    let mut closed = std::pin::pin!(closing.wait_for(|closing| *closing));
-    let mut draining = false;
-    let result = loop {
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            _ = &mut drained, if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            // The drain outlasted `shutdown_timeout`: close, whatever is in flight.
-            _ = &mut closed => return,
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%client, %error, "client connection ended with an error");
     }
 }
 
@@ -594,9 +585,10 @@ impl Drop for Finished<'_> {
     }
 }
 
-/// The connection's hyper service: [`client_service`] plus the request counts. Written out
-/// rather than wrapping `client_service`: a wrapper future costs one more copy of the ~4 KB
-/// request future per request (callgrind: +1 000 instructions per request).
+/// The connection's hyper service: every request goes to the proxy (an upgrade request with
+/// the connection's slot), counted. Written out rather than wrapping a plain service: a wrapper
+/// future costs one more copy of the ~4 KB request future per request (callgrind: +1 000
+/// instructions per request).
 fn service(
     ctx: Arc<Ctx>,
 ) -> impl hyper::service::Service<

@@ -330,6 +330,9 @@ impl Server {
                 tls.install(store);
             }
         }
+        crate::runtime::fdlimit::warn_if_short(
+            running.listeners.values().map(|l| l.config.max_connections),
+        );
         self.admin.store(Arc::new(config.admin.clone()));
         running.config = config;
         self.listener_stats.store(Arc::new(

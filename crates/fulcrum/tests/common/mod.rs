@@ -306,9 +306,19 @@ pub(crate) fn balancer_with_args(config: &str, listeners: usize, extra: &[&str])
 /// Like [`balancer_with`], with the process's open-file limit (soft and hard) set to
 /// `nofile` by util-linux's `prlimit`, which then executes fulcrum in its place (same pid).
 pub(crate) fn balancer_with_nofile(config: &str, listeners: usize, nofile: u64) -> Proc {
+    balancer_with_nofile_limits(config, listeners, nofile, nofile)
+}
+
+/// Like [`balancer_with_nofile`], with different soft and hard limits.
+pub(crate) fn balancer_with_nofile_limits(
+    config: &str,
+    listeners: usize,
+    soft: u64,
+    hard: u64,
+) -> Proc {
     let (dir, path) = write_config(config);
     let log_dir = dir.path().to_path_buf();
-    let limit = format!("--nofile={nofile}:{nofile}");
+    let limit = format!("--nofile={soft}:{hard}");
     let args = ["run", "--config", path.to_str().unwrap()];
     let mut proc = spawn_via(
         &["prlimit", &limit],
