@@ -403,6 +403,9 @@ pub(crate) fn prepare_request<B>(
         (Some(authority), Some(host)) if authority.as_str().as_bytes() == host.as_bytes() => {
             (Some(host.clone()), true)
         }
+        (Some(authority), _) if !valid_host(authority.as_str().as_bytes()) => {
+            return Err("400 bad request: invalid authority");
+        }
         (Some(authority), _) => (
             Some(
                 HeaderValue::from_str(authority.as_str())
