@@ -5,7 +5,9 @@
 //! open must then serve a plain `GET` (a smuggled prefix left in its buffer would show there).
 //! Some cases also check what the backend received (its `?echo=headers` JSON).
 //!
-//! A few HTTP/2 (prior knowledge) cases follow, with hyper's client and with raw frames.
+//! HTTP/2 (prior knowledge) cases follow, as raw frames: connection-specific headers,
+//! pseudo-header abuse, CRLF in values, DATA beyond `content-length` (the h2 crate refuses
+//! them before Fulcrum sees a request), duplicate `Host` and `:authority` against `Host`.
 
 mod common;
 
@@ -371,4 +373,264 @@ async fn smuggling_corpus_is_refused_or_reframed() {
         corpus.len(),
         failures.join("\n")
     );
+}
+
+/// How Fulcrum answered stream 1 of a raw HTTP/2 connection.
+#[derive(Debug, PartialEq)]
+enum H2 {
+    /// A response head with this status (those of HPACK's static table only: 200, 400, ...).
+    Status(u16),
+    /// A response head with a status outside the static table.
+    OtherStatus,
+    /// RST_STREAM with this error code (1: PROTOCOL_ERROR): the stream is malformed.
+    Reset(u32),
+    /// GOAWAY with this error code: the h2 crate closes the whole connection.
+    GoAway(u32),
+    /// Nothing within a few seconds.
+    Silent,
+}
+
+/// An HTTP/2 case: name, HEADERS fields, DATA, answer, requests the backend sees.
+type H2Case = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    Option<&'static [u8]>,
+    H2,
+    u64,
+);
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HPACK header block of literal fields (not indexed, no Huffman), in order.
+fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// Sends one request on a new prior-knowledge HTTP/2 connection: `fields` as its HEADERS
+/// and, when given, `data` as one DATA frame; returns the answer on stream 1 and the DATA
+/// Fulcrum sent on it.
+async fn h2_request(
+    lb: std::net::SocketAddr,
+    fields: &[(&str, &str)],
+    data: Option<&[u8]>,
+) -> (H2, Vec<u8>) {
+    let mut stream = TcpStream::connect(lb).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    // END_HEADERS, and END_STREAM unless data follows.
+    let flags = if data.is_some() { 0x4 } else { 0x5 };
+    out.extend(frame(1, flags, 1, &hpack(fields)));
+    if let Some(data) = data {
+        out.extend(frame(0, 0x1, 1, data));
+    }
+    stream.write_all(&out).await.unwrap();
+    let mut input = Vec::new();
+    let mut answer = None;
+    let mut body = Vec::new();
+    loop {
+        while input.len() >= 9 {
+            let len = u32::from_be_bytes([0, input[0], input[1], input[2]]) as usize;
+            if input.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (input[3], input[4]);
+            let id = u32::from_be_bytes([input[5], input[6], input[7], input[8]]) & 0x7fff_ffff;
+            let payload: Vec<u8> = input[9..9 + len].to_vec();
+            input.drain(..9 + len);
+            match (kind, id) {
+                (4, 0) if flags & 1 == 0 => {
+                    stream.write_all(&frame(4, 1, 0, &[])).await.unwrap();
+                }
+                (1, 1) => {
+                    let status = match payload.first() {
+                        Some(&b) if (0x88..=0x8e).contains(&b) => {
+                            H2::Status([200, 204, 206, 304, 400, 404, 500][(b - 0x88) as usize])
+                        }
+                        _ => H2::OtherStatus,
+                    };
+                    answer = Some(status);
+                    if flags & 1 != 0 {
+                        return (answer.unwrap(), body);
+                    }
+                }
+                (0, 1) => {
+                    body.extend_from_slice(&payload);
+                    if flags & 1 != 0 {
+                        return (answer.unwrap_or(H2::Silent), body);
+                    }
+                }
+                (3, 1) => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    return (answer.unwrap_or(H2::Reset(code)), body);
+                }
+                (7, _) => {
+                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                    return (answer.unwrap_or(H2::GoAway(code)), body);
+                }
+                _ => {}
+            }
+        }
+        let mut buffer = [0u8; 8192];
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => input.extend_from_slice(&buffer[..n]),
+            _ => return (answer.unwrap_or(H2::Silent), body),
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_pseudo_header_and_connection_header_abuse_is_refused() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr), 1);
+    const GET: [(&str, &str); 4] = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/?echo=headers"),
+        (":authority", "good.test"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut fields = GET.to_vec();
+        fields.extend_from_slice(extra);
+        fields
+    };
+    let without = |name: &str| GET.iter().copied().filter(|(n, _)| *n != name).collect();
+    let mut pseudo_late = vec![("x-a", "1")];
+    pseudo_late.extend_from_slice(&GET);
+    let duplicate_path = with(&[(":path", "/other")]);
+    // (name, HEADERS fields, DATA, answer, requests the backend sees)
+    let cases: Vec<H2Case> = vec![
+        ("plain GET", GET.to_vec(), None, H2::Status(200), 1),
+        (
+            "connection header",
+            with(&[("connection", "keep-alive")]),
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        (
+            "transfer-encoding header",
+            with(&[("transfer-encoding", "chunked")]),
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        (
+            "upgrade header",
+            with(&[("upgrade", "h2c")]),
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        (
+            "keep-alive header",
+            with(&[("keep-alive", "timeout=5")]),
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        (
+            "te other than trailers",
+            with(&[("te", "gzip")]),
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        (
+            "upper-case header name",
+            with(&[("X-Upper", "1")]),
+            None,
+            H2::GoAway(1),
+            0,
+        ),
+        (
+            "CRLF in a header value",
+            with(&[("x-a", "1\r\nx-injected: 2")]),
+            None,
+            H2::GoAway(1),
+            0,
+        ),
+        (
+            "pseudo-header after a regular header",
+            pseudo_late,
+            None,
+            H2::Reset(1),
+            0,
+        ),
+        ("missing :path", without(":path"), None, H2::Reset(1), 0),
+        ("missing :method", without(":method"), None, H2::Reset(1), 0),
+        ("duplicate :path", duplicate_path, None, H2::Reset(1), 0),
+        (
+            "unknown pseudo-header",
+            with(&[(":foo", "bar")]),
+            None,
+            H2::GoAway(1),
+            0,
+        ),
+        (
+            "duplicate Host",
+            with(&[("host", "good.test"), ("host", "evil.test")]),
+            None,
+            H2::Status(400),
+            0,
+        ),
+        (
+            "userinfo in :authority",
+            {
+                let mut f = without(":authority");
+                f.push((":authority", "evil.test@good.test"));
+                f
+            },
+            None,
+            H2::Status(400),
+            0,
+        ),
+        (
+            "DATA longer than content-length",
+            with(&[(":method", "POST"), ("content-length", "5")])
+                .into_iter()
+                .filter(|f| *f != (":method", "GET"))
+                .collect(),
+            Some(b"helloGET / HTTP/1.1\r\nHost: t\r\n\r\n".as_slice()),
+            H2::Reset(1),
+            0,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, fields, data, expected, forwarded) in &cases {
+        let before = backend_requests(backend.addr).await;
+        let (answer, _) = h2_request(lb.addr, fields, *data).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = backend_requests(backend.addr).await - before;
+        if answer != *expected || seen != *forwarded {
+            failures.push(format!(
+                "{name}: {answer:?} (backend saw {seen}), expected {expected:?} ({forwarded})"
+            ));
+        }
+    }
+    // :authority wins over a different Host: the backend's Host is the authority.
+    let (answer, body) = h2_request(lb.addr, &with(&[("host", "evil.test")]), None).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if answer != H2::Status(200) || json["echo"]["host"] != "good.test" {
+        failures.push(format!(
+            ":authority vs Host: {answer:?}, backend got Host {}",
+            json["echo"]["host"]
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
