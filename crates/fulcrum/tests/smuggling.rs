@@ -634,3 +634,50 @@ async fn http2_pseudo_header_and_connection_header_abuse_is_refused() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[tokio::test]
+async fn allowed_upgrades_pass_other_protocols_but_never_h2c() {
+    let backend = backend("app", 0);
+    let config = format!(
+        "{}\n[listeners.open]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n\
+         allowed_upgrades = [\"websocket\", \"Foo\", \"h2c\"]\n",
+        config(backend.addr)
+    );
+    let lb = balancer_with(&config, 2);
+    let open = lb.listeners["open"];
+    let upgrade = |value: &str| {
+        format!("GET /?echo=headers HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: {value}\r\n\r\n")
+    };
+    let cases = [
+        // The backend answers 200, not 101: a refused upgrade, served as an ordinary answer.
+        echo(
+            case("listed protocol", upgrade("foo/2"), &[200], Conn::Open, 1),
+            &[("upgrade", Some("foo/2")), ("connection", Some("upgrade"))],
+        ),
+        echo(
+            case("h2c, even listed", upgrade("h2c"), &[200], Conn::Open, 1),
+            &[("upgrade", None)],
+        ),
+        echo(
+            case(
+                "listed among others",
+                upgrade("h2c, bar, FOO"),
+                &[200],
+                Conn::Open,
+                1,
+            ),
+            &[("upgrade", Some("FOO"))],
+        ),
+    ];
+    for case in &cases {
+        if let Some(problem) = run(case, open, backend.addr).await {
+            panic!("{}: {problem}", case.name);
+        }
+    }
+    // The default listener does not pass `foo`.
+    let plain = echo(
+        case("unlisted", upgrade("foo"), &[200], Conn::Open, 1),
+        &[("upgrade", None)],
+    );
+    assert_eq!(run(&plain, lb.listeners["web"], backend.addr).await, None);
+}
