@@ -277,12 +277,20 @@ impl HttpProxy {
                 }
             };
             let Some(unsent) = error.take_message() else {
+                let error = error.into_error();
+                if is_client_body_error(&error) {
+                    // The client's body broke off or was malformed (a bad chunk): the
+                    // client's doing, never the backend's.
+                    let failed = Failure::bad_request("400 bad request: malformed request body");
+                    self.fail(snapshot, backend, failed, &error, "answering 400");
+                    return Exchange::Failed(failed);
+                }
                 let failed = Failure::no_answer();
                 self.fail(
                     snapshot,
                     backend,
                     failed,
-                    &error.into_error(),
+                    &error,
                     "answering 502 unless the request can be retried",
                 );
                 return Exchange::Failed(failed);
@@ -332,6 +340,13 @@ pub(crate) fn refuse(message: &'static str, version: Version) -> Response<ProxyB
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// Whether hyper's client failed `error` because the request body (the client's, as hyper's
+/// server read it) failed: a malformed chunked body, or a client gone mid-body.
+fn is_client_body_error(error: &hyper::Error) -> bool {
+    error.is_user()
+        && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// How one attempt on one backend ended.
