@@ -361,4 +361,34 @@ mod tests {
             .insert(Protocol::from_static("websocket"));
         assert!(is_upgrade(&connect), "extended CONNECT");
     }
+
+    #[test]
+    fn only_allowed_upgrades_are_offered() {
+        let text = "[listeners.web]\nlisten = \"127.0.0.1:8080\"\npool = \"app\"\n\n\
+                    [pools.app]\nbackends = [\"127.0.0.1:10000\"]\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let pool = crate::pool::Pool::from_config("app", &config.pools["app"]);
+        let proxy = HttpProxy::new("web", pool, Default::default(), false)
+            .with_allowed_upgrades(&["WebSocket".into(), "foo".into(), "h2c".into()]);
+        let offer = |upgrade: &str| {
+            let mut request = Request::new(());
+            let headers = request.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_str(upgrade).unwrap());
+            headers.insert("http2-settings", HeaderValue::from_static("AAMAAABk"));
+            let offer = proxy.upgrade_offer(&mut request);
+            (offer, request)
+        };
+        let (tunnel, _) = offer("h2c, websocket/13, bar, FOO");
+        match tunnel {
+            Offer::Tunnel(Some(value)) => assert_eq!(value, "websocket/13, FOO"),
+            other => panic!("{other:?}"),
+        }
+        for plain in ["h2c", "H2C", "bar", ""] {
+            let (offer, request) = offer(plain);
+            assert!(matches!(offer, Offer::Plain), "{plain}: {offer:?}");
+            assert!(!request.headers().contains_key(header::UPGRADE), "{plain}");
+            assert!(!request.headers().contains_key("http2-settings"), "{plain}");
+        }
+    }
 }
