@@ -748,11 +748,12 @@ async fn websocket_to_a_tls_pool_is_encrypted_and_verified() {
         }
         socket.close(None).await.unwrap();
         while let Some(Ok(_)) = socket.next().await {}
-        // A refused upgrade is an ordinary response, whole, over the same TLS connection.
+        // A refused upgrade (no Sec-WebSocket-Key) is an ordinary response, whole, over the
+        // same TLS connection.
         let mut raw = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(
             &mut raw,
-            b"GET /ws HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: other\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
         )
         .await
         .unwrap();

@@ -199,6 +199,11 @@ pub struct ListenerConfig {
     /// are closed.
     #[serde(default = "default_tunnel_idle_timeout")]
     pub idle_timeout: ConfigDuration,
+    /// HTTP/1.1 `Upgrade` protocols (case-insensitive tokens) passed to the backends, and
+    /// HTTP/2 extended CONNECT `:protocol`s; others are served as plain requests (their
+    /// `Upgrade` removed). `h2c` is never passed, even if listed.
+    #[serde(default = "default_allowed_upgrades")]
+    pub allowed_upgrades: Vec<String>,
     /// Certificates of an `https` listener.
     #[serde(default)]
     pub tls: Option<ListenerTlsConfig>,
@@ -250,6 +255,10 @@ fn default_h2_keep_alive_timeout() -> ConfigDuration {
 fn default_tunnel_idle_timeout() -> ConfigDuration {
     // Long-lived sessions (databases, WebSockets) are normal; 10 minutes still reaps dead peers.
     ConfigDuration(Duration::from_secs(600))
+}
+
+fn default_allowed_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
 }
 
 fn default_protocol() -> ListenerProtocol {

@@ -57,6 +57,37 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::UPGRADE || HOP_BY_HOP.iter().any(|hop| hop == name)
 }
 
+/// Whether `host` is a valid `Host` value (RFC 9110 §7.2): `uri-host [":" port]` — a
+/// reg-name (unreserved, pct-encoded, sub-delims), an IPv4 address or a bracketed IP literal.
+/// Empty is valid (a target without authority). No userinfo (`@`), path, query, fragment,
+/// whitespace or control bytes, so a backend cannot read a different host out of it.
+pub fn valid_host(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
+
 /// The client's address as a header value, made once per client connection (formatting an
 /// address on every request showed up in instruction profiles).
 pub fn client_ip_value(ip: IpAddr) -> HeaderValue {

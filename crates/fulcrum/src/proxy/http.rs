@@ -19,7 +19,8 @@ use crate::proxy::access_log::AccessRecord;
 use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
 use crate::proxy::error::{Blame, Failure, Kind, Retry};
-use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop};
+use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop, valid_host};
+use crate::proxy::upgrade::Offer;
 use crate::runtime::clock::now_ns;
 use crate::runtime::events::EventLog;
 use crate::upstream::body::{BodyWatch, RequestBody};
@@ -37,6 +38,8 @@ pub struct HttpProxy {
     pub(crate) tunnel_idle_timeout: std::time::Duration,
     /// `X-Forwarded-Proto`: "https" on TLS listeners.
     pub(crate) scheme: &'static str,
+    /// The upgrade protocols passed to backends (lowercase; never `h2c`).
+    pub(crate) allowed_upgrades: Box<[String]>,
 }
 
 impl HttpProxy {
@@ -49,7 +52,19 @@ impl HttpProxy {
             access_log,
             tunnel_idle_timeout: std::time::Duration::from_secs(600),
             scheme: "http",
+            allowed_upgrades: Box::new(["websocket".to_string()]),
         }
+    }
+
+    /// Sets the upgrade protocols passed to backends (the listener's `allowed_upgrades`;
+    /// case-insensitive; `h2c` is dropped: it is never passed).
+    pub fn with_allowed_upgrades(mut self, allowed: &[String]) -> Self {
+        self.allowed_upgrades = allowed
+            .iter()
+            .map(|p| p.trim().to_ascii_lowercase())
+            .filter(|p| !p.is_empty() && p != "h2c")
+            .collect();
+        self
     }
 
     /// Sets the idle timeout of upgraded (WebSocket) connections.
@@ -79,7 +94,7 @@ impl HttpProxy {
     /// [`HttpProxy::handle`], with `watch` told when the request's body is done.
     pub(crate) async fn handle_watched(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         client: SocketAddr,
         client_ip: HeaderValue,
         watch: Option<BodyWatch>,
@@ -88,22 +103,31 @@ impl HttpProxy {
         let mut access = self
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
-        let mut response = if crate::proxy::upgrade::is_upgrade(&request) {
+        let version = request.version();
+        let offer = if crate::proxy::upgrade::is_upgrade(&request) {
+            self.upgrade_offer(&mut request)
+        } else {
+            Offer::Plain
+        };
+        let mut response = match offer {
             // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
             // large; inline it would be reserved in every request's future.
-            Box::pin(self.forward_upgrade(
-                request,
-                client,
-                &client_ip,
-                self.tunnel_idle_timeout,
-                watch,
-            ))
-            .await
-        } else {
-            match prepare_request(request, &client_ip, self.scheme) {
-                Ok(request) => self.forward(request, client.ip(), watch).await,
-                Err(message) => Failure::bad_request(message).response(),
+            Offer::Tunnel(upgrade) => {
+                Box::pin(self.forward_upgrade(
+                    request,
+                    upgrade,
+                    client,
+                    &client_ip,
+                    self.tunnel_idle_timeout,
+                    watch,
+                ))
+                .await
             }
+            Offer::Refused(message) => refuse(message, version),
+            Offer::Plain => match prepare_request(request, &client_ip, self.scheme) {
+                Ok(request) => self.forward(request, client.ip(), watch).await,
+                Err(message) => refuse(message, version),
+            },
         };
         let status = response.status().as_u16();
         match response.body_mut() {
@@ -253,12 +277,20 @@ impl HttpProxy {
                 }
             };
             let Some(unsent) = error.take_message() else {
+                let error = error.into_error();
+                if is_client_body_error(&error) {
+                    // The client's body broke off or was malformed (a bad chunk): the
+                    // client's doing, never the backend's.
+                    let failed = Failure::bad_request("400 bad request: malformed request body");
+                    self.fail(snapshot, backend, failed, &error, "answering 400");
+                    return Exchange::Failed(failed);
+                }
                 let failed = Failure::no_answer();
                 self.fail(
                     snapshot,
                     backend,
                     failed,
-                    &error.into_error(),
+                    &error,
                     "answering 502 unless the request can be retried",
                 );
                 return Exchange::Failed(failed);
@@ -295,6 +327,26 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// The 400 for a request that cannot be forwarded (see [`Failure::bad_request`]). On HTTP/1
+/// it also closes the connection (`Connection: close`): where the next request starts can no
+/// longer be trusted. (HTTP/2 has no such header; its streams are framed.)
+pub(crate) fn refuse(message: &'static str, version: Version) -> Response<ProxyBody> {
+    let mut response = Failure::bad_request(message).response();
+    if version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Whether hyper's client failed `error` because the request body (the client's, as hyper's
+/// server read it) failed: a malformed chunked body, or a client gone mid-body.
+fn is_client_body_error(error: &hyper::Error) -> bool {
+    error.is_user()
+        && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// How one attempt on one backend ended.
@@ -334,21 +386,53 @@ impl ReplayableHead {
 }
 
 /// Rewrites a client request for the backend: origin-form URI, HTTP/1.1, `Host` kept (or set
-/// from an HTTP/2 `:authority`), hop-by-hop headers removed, `X-Forwarded-*` added.
+/// from the target's authority), hop-by-hop headers removed, `X-Forwarded-*` added.
+///
+/// Host rules (RFC 9112 §3.2, RFC 9113 §8.3.1): more than one `Host` header, a `Host` that is
+/// not a valid `uri-host[:port]`, or an HTTP/1.1 request with neither a `Host` nor an
+/// absolute-form target is refused (400). When the request has an authority (an HTTP/1.1
+/// absolute-form target, or HTTP/2's `:authority`), it wins: the backend's `Host` (and
+/// `X-Forwarded-Host`) is the authority, whatever `Host` the client also sent.
+///
+/// Also refused: `CONNECT` (a reverse proxy has no tunnels), and a `Transfer-Encoding` other
+/// than one `chunked` (hyper decodes `chunked` only; the message is re-framed for the backend).
 pub(crate) fn prepare_request<B>(
     mut request: Request<B>,
     client_ip: &HeaderValue,
     scheme: &'static str,
 ) -> Result<Request<B>, &'static str> {
-    let (host, mut host_header_present) = match request.headers().get(header::HOST) {
-        Some(host) => (Some(host.clone()), true),
-        None => (
-            request
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    if request.method() == Method::CONNECT {
+        // A reverse proxy has no tunnels to offer (a 2xx would upgrade both connections).
+        return Err("400 bad request: CONNECT is not supported");
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("400 bad request: more than one Host header");
+    }
+    if host_header.is_some_and(|host| !valid_host(host.as_bytes())) {
+        return Err("400 bad request: invalid Host header");
+    }
+    let (host, mut host_header_present) = match (request.uri().authority(), host_header) {
+        // The authority wins; a Host equal to it is kept as it is (no copy).
+        (Some(authority), Some(host)) if authority.as_str().as_bytes() == host.as_bytes() => {
+            (Some(host.clone()), true)
+        }
+        (Some(authority), _) if !valid_host(authority.as_str().as_bytes()) => {
+            return Err("400 bad request: invalid authority");
+        }
+        (Some(authority), _) => (
+            Some(
+                HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| "400 bad request: invalid authority")?,
+            ),
             false,
         ),
+        (None, Some(host)) => (Some(host.clone()), true),
+        (None, None) if request.version() == Version::HTTP_11 => {
+            return Err("400 bad request: no Host header");
+        }
+        (None, None) => (None, false),
     };
     if request.uri().authority().is_some() || request.uri().scheme().is_some() {
         let path = request
@@ -361,6 +445,19 @@ pub(crate) fn prepare_request<B>(
     }
     let headers = request.headers_mut();
     if has_hop_by_hop(headers) {
+        // hyper decoded one `chunked`; any other transfer coding (`gzip, chunked`, a second
+        // `chunked`) would reach the backend still applied, yet unannounced.
+        let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+        if let Some(coding) = codings.next() {
+            if !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+                || codings.next().is_some()
+            {
+                return Err("400 bad request: unsupported Transfer-Encoding");
+            }
+        }
         // `TE: trailers` says the client accepts trailers; gRPC needs it to reach the backend.
         let te_trailers = headers.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|v| {
@@ -448,5 +545,48 @@ mod tests {
         .unwrap();
         assert_eq!(absolute.uri(), "/c?d=1");
         assert_eq!(absolute.headers()["host"], "b.example:8080");
+    }
+
+    #[test]
+    fn host_rules() {
+        let client_ip = crate::proxy::headers::client_ip_value("10.0.0.9".parse().unwrap());
+        let prepare = |request| prepare_request(request, &client_ip, "http");
+        // More than one Host, or an invalid one: refused.
+        let mut two = request(&[("host", "a.example")], "/");
+        two.headers_mut()
+            .append("host", HeaderValue::from_static("b.example"));
+        assert_eq!(
+            prepare(two).unwrap_err(),
+            "400 bad request: more than one Host header"
+        );
+        for bad in ["a.example/x", "user@a.example", "a .example", "a.example?x"] {
+            let err = prepare(request(&[("host", bad)], "/")).unwrap_err();
+            assert_eq!(err, "400 bad request: invalid Host header", "{bad}");
+        }
+        for good in ["a.example", "a.example:8080", "[::1]:80", "10.0.0.1", ""] {
+            assert!(prepare(request(&[("host", good)], "/")).is_ok(), "{good}");
+        }
+        // HTTP/1.1 needs a Host (or an absolute-form target); HTTP/1.0 does not.
+        assert_eq!(
+            prepare(request(&[], "/")).unwrap_err(),
+            "400 bad request: no Host header"
+        );
+        let mut old = request(&[], "/");
+        *old.version_mut() = Version::HTTP_10;
+        assert!(!prepare(old).unwrap().headers().contains_key("host"));
+        // The absolute-form target's authority (or HTTP/2's :authority) wins over Host.
+        let absolute = prepare(request(
+            &[("host", "evil.example")],
+            "http://good.example/p",
+        ))
+        .unwrap();
+        assert_eq!(absolute.uri(), "/p");
+        assert_eq!(absolute.headers()["host"], "good.example");
+        assert_eq!(absolute.headers()["x-forwarded-host"], "good.example");
+        let mut h2 = request(&[("host", "evil.example")], "https://good.example/p");
+        *h2.version_mut() = Version::HTTP_2;
+        let h2 = prepare(h2).unwrap();
+        assert_eq!(h2.headers()["host"], "good.example");
+        assert_eq!(h2.headers().get_all("host").iter().count(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! HTTP/1.1 `Upgrade` pass-through (WebSocket and any other upgrade): the request goes to a
+//! HTTP/1.1 `Upgrade` pass-through (WebSocket, and the listener's other `allowed_upgrades`):
+//! the request goes to a
 //! backend on a dedicated HTTP/1.1 connection (never pooled; TLS when the pool says so, with
 //! ALPN `http/1.1` even for an HTTP/2 pool), picked like any request of the client, and when the backend answers
 //! `101 Switching Protocols` both connections are handed over by hyper and relayed byte for
@@ -9,6 +10,13 @@
 //! `CONNECT` with `:protocol = websocket` becomes an HTTP/1.1 `GET` with `Upgrade: websocket`
 //! (and a fresh `Sec-WebSocket-Key`) to the backend, whose `101` becomes a `200` on the
 //! client's stream; the HTTP/2 stream and the backend connection are then relayed.
+//!
+//! Only the listener's `allowed_upgrades` pass (default `websocket`; `h2c` never, so a
+//! client cannot switch a backend connection to HTTP/2 behind Fulcrum's back): the `Upgrade`
+//! the backend gets lists only the allowed protocols the client offered; a request offering
+//! none is served as a plain HTTP/1.1 request (`Upgrade` and `HTTP2-Settings` removed); an
+//! extended CONNECT for another protocol is refused (400); and a backend that switches to a
+//! protocol it was not offered gets a 502, its connection closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,10 +35,13 @@ use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
 use crate::proxy::error::{Blame, Failure};
 use crate::proxy::headers::remove_hop_by_hop;
-use crate::proxy::http::{prepare_request, HttpProxy};
+use crate::proxy::http::{prepare_request, refuse, HttpProxy};
 use crate::proxy::tcp::relay;
 use crate::upstream::body::{BodyWatch, RequestBody};
 use crate::upstream::{dial_upgradable, UpstreamSender};
+
+/// `HTTP2-Settings`: the settings of an `Upgrade: h2c` request (RFC 7540 §3.2.1).
+static HTTP2_SETTINGS: header::HeaderName = header::HeaderName::from_static("http2-settings");
 
 /// The client connection's place on its listener (connection limit, open count), put in an
 /// upgrade request's extensions by the listener so the tunnel holds it for its whole life.
@@ -60,11 +71,71 @@ fn is_http11_upgrade<B>(request: &Request<B>) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// What becomes of a request (see [`HttpProxy::upgrade_offer`]).
+#[derive(Debug)]
+pub(crate) enum Offer {
+    /// An upgrade to forward: for HTTP/1.1 the `Upgrade` value to send (the allowed protocols
+    /// the client offered), `None` for an HTTP/2 extended CONNECT.
+    Tunnel(Option<HeaderValue>),
+    /// A plain request (nothing allowed was offered; the upgrade headers are gone).
+    Plain,
+    /// A 400, for this reason.
+    Refused(&'static str),
+}
+
+/// The protocol name of an `Upgrade` token (`websocket/13` → `websocket`).
+fn protocol_name(token: &str) -> &str {
+    let token = token.trim();
+    token.split_once('/').map_or(token, |(name, _)| name).trim()
+}
+
 impl HttpProxy {
-    /// Forwards an upgrade request; on `101` relays both connections until either closes.
+    /// Whether protocol `name` may be passed to a backend (case-insensitive).
+    fn allows_upgrade(&self, name: &str) -> bool {
+        self.allowed_upgrades
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(name))
+    }
+
+    /// What to do with upgrade request `request` (see [`is_upgrade`]): tunnel the allowed
+    /// protocols it offers, or serve it as a plain request without its upgrade headers.
+    pub(crate) fn upgrade_offer<B>(&self, request: &mut Request<B>) -> Offer {
+        if is_extended_connect(request) {
+            let protocol = request.extensions().get::<Protocol>();
+            return match protocol {
+                Some(protocol) if self.allows_upgrade(protocol.as_str()) => Offer::Tunnel(None),
+                _ => Offer::Refused("400 bad request: upgrade protocol not allowed"),
+            };
+        }
+        let mut offered = String::new();
+        for value in request.headers().get_all(header::UPGRADE) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                if self.allows_upgrade(protocol_name(token)) {
+                    if !offered.is_empty() {
+                        offered.push_str(", ");
+                    }
+                    offered.push_str(token.trim());
+                }
+            }
+        }
+        match HeaderValue::from_str(&offered) {
+            Ok(value) if !offered.is_empty() => Offer::Tunnel(Some(value)),
+            _ => {
+                let headers = request.headers_mut();
+                headers.remove(header::UPGRADE);
+                headers.remove(&HTTP2_SETTINGS);
+                Offer::Plain
+            }
+        }
+    }
+
+    /// Forwards an upgrade request (`upgrade`: the HTTP/1.1 `Upgrade` to send, see
+    /// [`Offer::Tunnel`]); on `101` relays both connections until either closes.
     pub(crate) async fn forward_upgrade(
         &self,
         mut request: Request<Incoming>,
+        upgrade: Option<HeaderValue>,
         client: SocketAddr,
         client_ip: &HeaderValue,
         idle_timeout: Duration,
@@ -97,11 +168,12 @@ impl HttpProxy {
                 Err(_) => return Failure::bad_request("400 bad request: bad :protocol").response(),
             }
         } else {
-            request.headers().get(header::UPGRADE).cloned()
+            upgrade
         };
+        let version = request.version();
         let mut request = match prepare_request(request, client_ip, self.scheme) {
             Ok(request) => request,
-            Err(message) => return Failure::bad_request(message).response(),
+            Err(message) => return refuse(message, version),
         };
         // prepare_request removed the hop-by-hop headers; an upgrade needs these two back.
         if let Some(upgrade) = upgrade {
@@ -188,6 +260,26 @@ impl HttpProxy {
             remove_hop_by_hop(response.headers_mut());
             return response;
         }
+        let switched_to = response
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !switched_to
+            .split(',')
+            .all(|p| self.allows_upgrade(protocol_name(p)))
+        {
+            // Not what the client was offered (e.g. h2c): never relayed.
+            let failure = Failure::no_answer();
+            self.fail(
+                snapshot,
+                backend,
+                failure,
+                &format_args!("switched to {switched_to:?}, which the client may not use"),
+                "answering 502 to the upgrade request",
+            );
+            return failure.response();
+        }
         backend.record_success();
         backend
             .sessions
@@ -268,5 +360,35 @@ mod tests {
             .extensions_mut()
             .insert(Protocol::from_static("websocket"));
         assert!(is_upgrade(&connect), "extended CONNECT");
+    }
+
+    #[test]
+    fn only_allowed_upgrades_are_offered() {
+        let text = "[listeners.web]\nlisten = \"127.0.0.1:8080\"\npool = \"app\"\n\n\
+                    [pools.app]\nbackends = [\"127.0.0.1:10000\"]\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let pool = crate::pool::Pool::from_config("app", &config.pools["app"]);
+        let proxy = HttpProxy::new("web", pool, Default::default(), false)
+            .with_allowed_upgrades(&["WebSocket".into(), "foo".into(), "h2c".into()]);
+        let offer = |upgrade: &str| {
+            let mut request = Request::new(());
+            let headers = request.headers_mut();
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_str(upgrade).unwrap());
+            headers.insert("http2-settings", HeaderValue::from_static("AAMAAABk"));
+            let offer = proxy.upgrade_offer(&mut request);
+            (offer, request)
+        };
+        let (tunnel, _) = offer("h2c, websocket/13, bar, FOO");
+        match tunnel {
+            Offer::Tunnel(Some(value)) => assert_eq!(value, "websocket/13, FOO"),
+            other => panic!("{other:?}"),
+        }
+        for plain in ["h2c", "H2C", "bar", ""] {
+            let (offer, request) = offer(plain);
+            assert!(matches!(offer, Offer::Plain), "{plain}: {offer:?}");
+            assert!(!request.headers().contains_key(header::UPGRADE), "{plain}");
+            assert!(!request.headers().contains_key("http2-settings"), "{plain}");
+        }
     }
 }

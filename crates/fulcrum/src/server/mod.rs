@@ -298,7 +298,8 @@ impl Server {
                     pool: pool_name.clone(),
                 })?;
             let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
-                .with_tls(tls.is_some());
+                .with_tls(tls.is_some())
+                .with_allowed_upgrades(&listener_config.allowed_upgrades);
             let task = start_listener(
                 &self.workers,
                 &name,
