@@ -93,8 +93,18 @@ fn corpus() -> Vec<Case> {
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(300_000)
     );
+    // A request head of exactly `max_header_bytes` (the default, 65536) passes; one byte more
+    // is 431, however few reads it arrives in.
+    let head_of = |total: usize| {
+        let prefix = "GET / HTTP/1.1\r\nHost: t\r\nX-Big: ";
+        format!("{prefix}{}\r\n\r\n", "a".repeat(total - prefix.len() - 4))
+    };
+    let exact_head = head_of(65_536);
+    let over_head = head_of(65_537);
     vec![
         case("baseline GET", GET, &[200], Open, 1),
+        case("head of exactly max_header_bytes", exact_head, &[200], Open, 1),
+        case("head one byte over max_header_bytes", over_head, &[431], Closed, 0),
         case("baseline POST with Content-Length", post("Content-Length: 5\r\n", "hello"), &[200], Open, 1),
         case("baseline chunked POST", post("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"), &[200], Open, 1),
         // CL + TE: chunked wins, Content-Length is dropped, and the connection closes after

@@ -91,6 +91,8 @@ impl ParkSettings {
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout.0)
             .max_buf_size(config.max_header_bytes)
+            // Exact: a complete head one byte over is 431 too, however few reads it took.
+            .max_header_size(config.max_header_bytes)
             .keep_alive(true);
         let header_read_timeout = config.header_read_timeout.0;
         // hyper's header timer also runs between requests: park (at most two ticks after the
