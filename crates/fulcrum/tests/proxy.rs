@@ -247,7 +247,12 @@ fn pattern_hash(total: u64) -> String {
 async fn large_bodies_stream_both_ways_with_bounded_memory() {
     const SIZE: u64 = 256 * 1024 * 1024;
     let b = backend("bulk", 0);
-    let lb = balancer(&[(b.addr, 1)], "");
+    // 256 MiB is over the default `max_body_bytes` (100 MiB): the listener allows 1 GiB.
+    let config = config_for(&[(b.addr, 1)], "").replace(
+        "pool = \"app\"\n\n",
+        "pool = \"app\"\nmax_body_bytes = 1073741824\n\n",
+    );
+    let lb = balancer_with(&config, 1);
     let expected = pattern_hash(SIZE);
     let client = client();
 

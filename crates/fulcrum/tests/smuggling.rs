@@ -101,10 +101,22 @@ fn corpus() -> Vec<Case> {
     };
     let exact_head = head_of(65_536);
     let over_head = head_of(65_537);
+    // The listener's `max_body_bytes` is 1024 (see `config`).
+    let kib = "a".repeat(1024);
+    let half = "b".repeat(512);
+    let chunked_at_limit = format!("200\r\n{half}\r\n200\r\n{half}\r\n0\r\n\r\n");
+    let chunked_past_limit = format!("200\r\n{half}\r\n200\r\n{half}\r\n1\r\nc\r\n0\r\n\r\n");
     vec![
         case("baseline GET", GET, &[200], Open, 1),
         case("head of exactly max_header_bytes", exact_head, &[200], Open, 1),
         case("head one byte over max_header_bytes", over_head, &[431], Closed, 0),
+        case("Content-Length of exactly max_body_bytes", post("Content-Length: 1024\r\n", &kib), &[200], Open, 1),
+        case("Content-Length one byte over max_body_bytes", post("Content-Length: 1025\r\n", &format!("{kib}a")), &[413], Closed, 0),
+        case("Content-Length far over max_body_bytes, body not sent", post("Content-Length: 1000000000\r\n", ""), &[413], Closed, 0),
+        case("chunked body of exactly max_body_bytes", post("Transfer-Encoding: chunked\r\n", &chunked_at_limit), &[200], Open, 1),
+        // Cut off while streaming: the backend's request is aborted (its handler may have
+        // started; it never sees the whole body), the client gets 413 and is closed.
+        upto(case("chunked body growing past max_body_bytes", post("Transfer-Encoding: chunked\r\n", &chunked_past_limit), &[413], Closed, 1)),
         case("baseline POST with Content-Length", post("Content-Length: 5\r\n", "hello"), &[200], Open, 1),
         case("baseline chunked POST", post("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"), &[200], Open, 1),
         // CL + TE: chunked wins, Content-Length is dropped, and the connection closes after
@@ -207,7 +219,8 @@ fn corpus() -> Vec<Case> {
 fn config(backend: std::net::SocketAddr) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [listeners.web]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n\n\
+         [listeners.web]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n\
+         max_body_bytes = 1024\n\n\
          [pools.app]\nbackends = [\"{backend}\"]\n"
     )
 }

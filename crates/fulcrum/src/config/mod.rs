@@ -191,6 +191,12 @@ pub struct ListenerConfig {
     /// Largest request head accepted; larger gets 431. At least 8 KiB.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Largest request body forwarded (1 to 2^63-1 bytes; 100 MiB by default): a larger
+    /// `Content-Length` gets 413 before any backend is picked; a body of unknown length
+    /// (chunked, HTTP/2 without `content-length`) that grows past it is cut off and answered
+    /// 413 (or, once the backend's response has begun, the connection closed).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
     /// Expect a PROXY protocol header (v1 or v2) from a front load balancer on every
     /// connection, and use the client address it carries (read within `header_read_timeout`).
     #[serde(default)]
@@ -277,6 +283,11 @@ fn default_keep_alive_timeout() -> ConfigDuration {
 }
 fn default_park_after() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(1))
+}
+fn default_max_body_bytes() -> u64 {
+    // 100 MiB: far above nginx's 1 MiB, as a load balancer in front of upload endpoints
+    // should be, yet bounded.
+    100 * 1024 * 1024
 }
 fn default_max_header_bytes() -> usize {
     // 64 KiB: far above real browsers' heads (~1-8 KiB), small enough to bound memory per client.

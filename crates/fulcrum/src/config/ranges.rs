@@ -29,6 +29,8 @@ pub(super) const MAX_WORKERS: u64 = 1024;
 pub(super) const MAX_CONNECTIONS: u64 = 1_000_000;
 /// Smallest and largest `max_header_bytes` (hyper's minimum buffer is 8 KiB).
 pub(super) const HEADER_BYTES: (u64, u64) = (8192, 16 * 1024 * 1024);
+/// Largest `max_body_bytes`: TOML's largest integer (2^63-1), in effect unlimited.
+pub(super) const MAX_BODY_BYTES: u64 = i64::MAX as u64;
 /// Most concurrent HTTP/2 streams per client connection.
 pub(super) const MAX_H2_STREAMS: u64 = 10_000;
 /// Smallest and largest HTTP/2 flow-control window (RFC 9113 6.9.2).
@@ -222,6 +224,13 @@ impl Checker<'_> {
                 listener.max_header_bytes,
                 HEADER_BYTES.0,
                 HEADER_BYTES.1,
+                "",
+            )?;
+            self.count(
+                &key("max_body_bytes"),
+                listener.max_body_bytes,
+                1,
+                MAX_BODY_BYTES,
                 "",
             )?;
             let timeouts = [

@@ -18,12 +18,12 @@ use crate::pool::{Backend, Pool, PoolSnapshot};
 use crate::proxy::access_log::AccessRecord;
 use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
-use crate::proxy::error::{Blame, Failure, Kind, Retry};
+use crate::proxy::error::{Blame, Failure, Kind, Origin, Retry};
 use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop, valid_host};
 use crate::proxy::upgrade::Offer;
 use crate::runtime::clock::now_ns;
 use crate::runtime::events::EventLog;
-use crate::upstream::body::{BodyWatch, RequestBody};
+use crate::upstream::body::{BodyTooLarge, BodyWatch, RequestBody};
 use crate::upstream::driven::TimedOut;
 use crate::upstream::{UpstreamConnection, UpstreamSender};
 
@@ -40,6 +40,8 @@ pub struct HttpProxy {
     pub(crate) scheme: &'static str,
     /// The upgrade protocols passed to backends (lowercase; never `h2c`).
     pub(crate) allowed_upgrades: Box<[String]>,
+    /// Largest request body forwarded (the listener's `max_body_bytes`); larger gets 413.
+    pub(crate) max_body_bytes: u64,
 }
 
 impl HttpProxy {
@@ -53,7 +55,16 @@ impl HttpProxy {
             tunnel_idle_timeout: std::time::Duration::from_secs(600),
             scheme: "http",
             allowed_upgrades: Box::new(["websocket".to_string()]),
+            max_body_bytes: u64::MAX,
         }
+    }
+
+    /// Sets the largest request body forwarded (the listener's `max_body_bytes`): a larger
+    /// `Content-Length` gets 413 before any backend is picked; a body of unknown length that
+    /// grows past it is cut off (the backend's request aborted) and answered 413.
+    pub fn with_max_body_bytes(mut self, limit: u64) -> Self {
+        self.max_body_bytes = limit;
+        self
     }
 
     /// Sets the upgrade protocols passed to backends (the listener's `allowed_upgrades`;
@@ -104,15 +115,25 @@ impl HttpProxy {
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
         let version = request.version();
-        let offer = if crate::proxy::upgrade::is_upgrade(&request) {
-            self.upgrade_offer(&mut request)
+        // A known length (Content-Length) over the limit: one comparison; nothing picked,
+        // dialled or forwarded.
+        let too_long = request
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|length| length > self.max_body_bytes);
+        let offer = if too_long {
+            None
+        } else if crate::proxy::upgrade::is_upgrade(&request) {
+            Some(self.upgrade_offer(&mut request))
         } else {
-            Offer::Plain
+            Some(Offer::Plain)
         };
         let mut response = match offer {
+            None => too_large(version),
             // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
             // large; inline it would be reserved in every request's future.
-            Offer::Tunnel(upgrade) => {
+            Some(Offer::Tunnel(upgrade)) => {
                 Box::pin(self.forward_upgrade(
                     request,
                     upgrade,
@@ -123,9 +144,18 @@ impl HttpProxy {
                 ))
                 .await
             }
-            Offer::Refused(message) => refuse(message, version),
-            Offer::Plain => match prepare_request(request, &client_ip, self.scheme) {
-                Ok(request) => self.forward(request, client.ip(), watch).await,
+            Some(Offer::Refused(message)) => refuse(message, version),
+            Some(Offer::Plain) => match prepare_request(request, &client_ip, self.scheme) {
+                Ok(request) => {
+                    // A body of unknown length is counted as it streams.
+                    let limit = request
+                        .body()
+                        .size_hint()
+                        .upper()
+                        .is_none()
+                        .then_some(self.max_body_bytes);
+                    self.forward(request, client.ip(), watch, limit).await
+                }
                 Err(message) => refuse(message, version),
             },
         };
@@ -155,6 +185,7 @@ impl HttpProxy {
         request: Request<Incoming>,
         client: IpAddr,
         watch: Option<BodyWatch>,
+        limit: Option<u64>,
     ) -> Response<ProxyBody> {
         let pool = &self.pool;
         let snapshot_guard = pool.snapshot();
@@ -174,6 +205,11 @@ impl HttpProxy {
             None => request.map(RequestBody::Client),
             Some(watch) => request.map(|body| RequestBody::watched(body, watch)),
         };
+        if let Some(limit) = limit {
+            // A body of unknown length is counted as it streams (see `RequestBody::Limited`).
+            request = request.map(|body| body.limited(limit));
+        }
+        let version = request.version();
         // The failure to answer with if no later attempt succeeds (a replayed request's).
         let mut failure = None;
         let settings = &*snapshot.settings;
@@ -205,6 +241,7 @@ impl HttpProxy {
                         failure = Some(failed);
                         attempts.no_panic();
                     }
+                    _ if failed.kind == Kind::BodyTooLarge => return too_large(version),
                     _ => return failed.response(),
                 },
             }
@@ -278,6 +315,12 @@ impl HttpProxy {
             };
             let Some(unsent) = error.take_message() else {
                 let error = error.into_error();
+                if is_body_too_large(&error) {
+                    // Cut off past `max_body_bytes`: the client's doing, never the backend's.
+                    let failed = Failure::new(Origin::Client, Kind::BodyTooLarge);
+                    self.fail(snapshot, backend, failed, &error, "answering 413");
+                    return Exchange::Failed(failed);
+                }
                 if is_client_body_error(&error) {
                     // The client's body broke off or was malformed (a bad chunk): the
                     // client's doing, never the backend's.
@@ -340,6 +383,23 @@ pub(crate) fn refuse(message: &'static str, version: Version) -> Response<ProxyB
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// The 413 for a request body over the listener's `max_body_bytes`; on HTTP/1 it also closes
+/// the connection (`Connection: close`), as [`refuse`] does: the rest of the body is not read.
+fn too_large(version: Version) -> Response<ProxyBody> {
+    let mut response = Failure::new(Origin::Client, Kind::BodyTooLarge).response();
+    if version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Whether hyper's client failed `error` because the request body grew past its limit.
+fn is_body_too_large(error: &hyper::Error) -> bool {
+    std::error::Error::source(error).is_some_and(|cause| cause.is::<BodyTooLarge>())
 }
 
 /// Whether hyper's client failed `error` because the request body (the client's, as hyper's

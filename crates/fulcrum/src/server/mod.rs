@@ -299,7 +299,8 @@ impl Server {
                 })?;
             let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
                 .with_tls(tls.is_some())
-                .with_allowed_upgrades(&listener_config.allowed_upgrades);
+                .with_allowed_upgrades(&listener_config.allowed_upgrades)
+                .with_max_body_bytes(listener_config.max_body_bytes);
             let task = start_listener(
                 &self.workers,
                 &name,

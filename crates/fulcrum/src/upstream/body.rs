@@ -18,8 +18,36 @@ pub enum RequestBody {
     /// The client's body, streamed, its end reported to its connection (boxed: rare, and the
     /// other variants stay small).
     Watched(Box<WatchedBody>),
+    /// The client's body of unknown length (chunked, or HTTP/2 without `content-length`),
+    /// counted against the listener's `max_body_bytes` (boxed: rare, and the other variants
+    /// stay small). Past the limit it ends with [`BodyTooLarge`], which aborts the backend's
+    /// request.
+    Limited(Box<LimitedBody>),
     /// No body.
     Empty,
+}
+
+/// The error ending a [`RequestBody`]: the client's (hyper's), or [`BodyTooLarge`].
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client request body grew past the listener's `max_body_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body larger than max_body_bytes")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// A client body counted against a limit (see [`RequestBody::Limited`]).
+#[derive(Debug)]
+pub struct LimitedBody {
+    body: RequestBody,
+    /// Bytes the body may still carry.
+    remaining: u64,
 }
 
 impl RequestBody {
@@ -27,27 +55,40 @@ impl RequestBody {
     pub(crate) fn watched(body: Incoming, watch: BodyWatch) -> Self {
         RequestBody::Watched(Box::new(WatchedBody { body, watch }))
     }
+
+    /// `self` (a client's body), ended with [`BodyTooLarge`] once it carries more than
+    /// `limit` bytes.
+    pub(crate) fn limited(self, limit: u64) -> Self {
+        RequestBody::Limited(Box::new(LimitedBody {
+            body: self,
+            remaining: limit,
+        }))
+    }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = match self.get_mut() {
             RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Watched(watched) => watched.poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
-        }
+            RequestBody::Limited(limited) => return limited.poll_frame(cx),
+            RequestBody::Empty => return Poll::Ready(None),
+        };
+        // Boxed on the error path only.
+        polled.map(|frame| frame.map(|frame| frame.map_err(BodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Client(body) => body.is_end_stream(),
             RequestBody::Watched(watched) => watched.body.is_end_stream(),
+            RequestBody::Limited(limited) => limited.body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -56,6 +97,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Client(body) => body.size_hint(),
             RequestBody::Watched(watched) => watched.body.size_hint(),
+            RequestBody::Limited(limited) => limited.body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -130,6 +172,27 @@ impl WatchedBody {
         };
         if ended {
             self.watch.done(true);
+        }
+        polled
+    }
+}
+
+impl LimitedBody {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let len = data.len() as u64;
+                if len > self.remaining {
+                    // Not forwarded: the backend's request ends with this error (aborted).
+                    self.remaining = 0;
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                }
+                self.remaining -= len;
+            }
         }
         polled
     }
