@@ -171,6 +171,10 @@ fn out_of_range_numbers_and_durations_name_key_range_and_place() {
             "FILE:4:19: `listeners.web.max_connections` must be between 1 and 1000000, not 3000000000000000000",
         ),
         (
+            GOOD.replace("pool = \"app\"", "pool = \"app\"\nmax_body_bytes = 0"),
+            "FILE:4:18: `listeners.web.max_body_bytes` must be between 1 and 9223372036854775807, not 0",
+        ),
+        (
             GOOD.replace("connect = \"1s\"", "connect = \"0s\""),
             "FILE:8:11: `pools.app.timeouts.connect` must be between 1ms and 1d, not 0s",
         ),

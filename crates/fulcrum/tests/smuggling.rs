@@ -704,3 +704,30 @@ async fn allowed_upgrades_pass_other_protocols_but_never_h2c() {
     );
     assert_eq!(run(&plain, lb.listeners["web"], backend.addr).await, None);
 }
+
+#[tokio::test]
+async fn http2_body_without_content_length_is_cut_off_past_max_body_bytes() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr), 1);
+    let post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", "good.test"),
+    ];
+    // At the limit (1024, no content-length): forwarded.
+    let (answer, _) = h2_request(lb.addr, &post, Some(&[b'a'; 1024])).await;
+    assert_eq!(answer, H2::Status(200));
+    // One byte over: counted while streaming, cut off, 413 (outside HPACK's static table).
+    let (answer, body) = h2_request(lb.addr, &post, Some(&[b'a'; 1025])).await;
+    assert_eq!(answer, H2::OtherStatus);
+    assert!(
+        body.starts_with(b"413 "),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // The backend answered the first; the second's request, if its head got there, was
+    // aborted before its body (it never sees the whole of it).
+    let seen = backend_requests(backend.addr).await;
+    assert!((1..=2).contains(&seen), "{seen}");
+}
