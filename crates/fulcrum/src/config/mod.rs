@@ -176,6 +176,10 @@ pub struct ListenerConfig {
     /// Open client connections above this are refused (closed at accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Open client connections from one client IP (the socket peer, before any PROXY header;
+    /// IPv6 per full address) above this are refused (closed at accept).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// A client must send a complete request head (on HTTP/2: the connection preface and its
     /// SETTINGS) within this time (408-style close).
     #[serde(default = "default_header_read_timeout")]
@@ -267,6 +271,11 @@ fn default_protocol() -> ListenerProtocol {
 fn default_max_connections() -> usize {
     // Generous for one host, yet bounded so a connection flood cannot exhaust file descriptors.
     10_000
+}
+fn default_max_connections_per_ip() -> usize {
+    // A tenth of `max_connections`: far above what a browser (6 per host) or a large NAT'd
+    // office opens, yet one host cannot take all the listener's slots.
+    1_000
 }
 fn default_header_read_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))

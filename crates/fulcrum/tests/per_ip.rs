@@ -1,0 +1,134 @@
+//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener. Real `fulcrum`
+//! processes; raw client sockets bound to 127.0.0.1 and 127.0.0.2.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Config with one listener `front` (`protocol`) in front of `backend`, 3 connections per IP.
+fn config(protocol: &str, backend: SocketAddr) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listeners.front]\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\npool = \"app\"\n\
+         max_connections_per_ip = 3\n\n\
+         [pools.app]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// A connection to `addr` from the local address `from`.
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Whether `stream` is served: a request (HTTP) or a line (TCP echo) gets an answer, rather
+/// than the connection closing. Bounded to 5 s.
+async fn served(stream: &mut TcpStream, http: bool) -> bool {
+    let probe: &[u8] = if http {
+        b"GET / HTTP/1.1\r\nHost: per-ip\r\n\r\n"
+    } else {
+        b"ping\n"
+    };
+    if stream.write_all(probe).await.is_err() {
+        return false;
+    }
+    let mut data = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => data.extend_from_slice(&buffer[..n]),
+            }
+            let done = if http {
+                data.windows(4).any(|w| w == b"\r\n\r\n")
+            } else {
+                data.ends_with(b"\n")
+            };
+            if done {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("neither an answer nor a close within 5 s");
+    if read && http {
+        assert!(data.starts_with(b"HTTP/1.1 200"), "{data:?}");
+    }
+    read && (http || data == b"ping\n")
+}
+
+/// A served connection from `from`: retried (bounded) while the server may still be
+/// releasing a closed connection's count.
+async fn served_from(from: &str, addr: SocketAddr, http: bool) -> TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = connect_from(from, addr).await;
+        if served(&mut stream, http).await {
+            return stream;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection from {from} served within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of metric `name` for listener `front`.
+async fn front_metric(lb: &Proc, name: &str) -> f64 {
+    let text = metrics_text(lb).await;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("listener=\"front\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+async fn limits_connections_per_ip(lb: &Proc, http: bool) {
+    let addr = lb.listeners["front"];
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(served_from("127.0.0.1", addr, http).await);
+    }
+    // The 4th from the same IP is closed at accept.
+    let mut fourth = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut fourth, Duration::from_secs(2)).await;
+    assert_eq!(
+        front_metric(lb, "fulcrum_client_connections_refused_per_ip_total").await,
+        1.0
+    );
+    assert_eq!(
+        front_metric(lb, "fulcrum_client_connections_refused_total").await,
+        0.0
+    );
+    // Another IP is served.
+    let other = served_from("127.0.0.2", addr, http).await;
+    // Closing one of the three frees its place.
+    drop(open.pop());
+    open.push(served_from("127.0.0.1", addr, http).await);
+    drop((open, other));
+    assert!(lb.logs().contains("connection limit per client IP reached"));
+}
+
+#[tokio::test]
+async fn http_listener_limits_connections_per_ip() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config("http", backend.addr), 1);
+    limits_connections_per_ip(&lb, true).await;
+}
+
+#[tokio::test]
+async fn tcp_listener_limits_connections_per_ip() {
+    let echo = backend_with("echo", &["--tcp-echo"]);
+    let lb = balancer_with(&config("tcp", echo.addr), 1);
+    limits_connections_per_ip(&lb, false).await;
+}
