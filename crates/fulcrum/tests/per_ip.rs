@@ -132,3 +132,20 @@ async fn tcp_listener_limits_connections_per_ip() {
     let lb = balancer_with(&config("tcp", echo.addr), 1);
     limits_connections_per_ip(&lb, false).await;
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_place_until_the_tunnel_closes() {
+    let backend = backend("ws", 0);
+    let lb = balancer_with(&config("http", backend.addr).replace("= 3", "= 1"), 1);
+    let addr = lb.listeners["front"];
+    let stream = connect_from("127.0.0.1", addr).await;
+    let (socket, response) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("WebSocket handshake through fulcrum");
+    assert_eq!(response.status(), 101);
+    // The tunnel holds the IP's one place: another connection from it is closed at accept.
+    let mut second = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut second, Duration::from_secs(2)).await;
+    drop(socket);
+    drop(served_from("127.0.0.1", addr, true).await);
+}

@@ -179,6 +179,7 @@ pub(crate) fn start_listener(
         let socket = sockets[worker].take();
         let accept = AcceptSettings {
             limit: limit.clone(),
+            max_connections: config.max_connections,
             per_ip: per_ip.clone(),
             stop: stopped.clone(),
             shutdown_timeout,
@@ -223,6 +224,8 @@ pub(crate) fn start_listener(
 pub struct AcceptSettings {
     /// The listener's `max_connections`, across all its workers.
     pub limit: Arc<Semaphore>,
+    /// The size of `limit` (for the log).
+    pub max_connections: usize,
     /// The listener's `max_connections_per_ip`, across all its workers.
     pub per_ip: Arc<PerIpLimit>,
     /// Turns true when the listener must stop accepting and drain.
@@ -240,7 +243,7 @@ impl AcceptSettings {
     pub fn admit(&self, client: SocketAddr) -> Option<Admitted> {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%client, "connection limit (max_connections) reached; closing new connection");
+            tracing::warn!(%client, max_connections = self.max_connections, "connection limit reached; closing new connection");
             return None;
         };
         let Some(ip) = self.per_ip.try_acquire(client.ip()) else {
