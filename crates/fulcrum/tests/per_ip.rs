@@ -149,3 +149,58 @@ async fn an_upgraded_connection_keeps_its_place_until_the_tunnel_closes() {
     drop(socket);
     drop(served_from("127.0.0.1", addr, true).await);
 }
+
+/// A TLS connection from `from` to `addr` (any certificate accepted) that answers a GET.
+async fn tls_served_from(
+    from: &str,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let config = fulcrum::upstream::tls::client_config(None, false, b"http/1.1").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let stream = connect_from(from, addr).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, stream)
+        .await
+        .expect("TLS handshake");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: per-ip\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut tls).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    tls
+}
+
+#[tokio::test]
+async fn https_listener_limits_connections_per_ip_before_the_handshake() {
+    let backend = backend("app", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("web.crt"), dir.path().join("web.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let text = config("https", backend.addr).replace("= 3", "= 1").replace(
+        "\n\n[pools.app]",
+        &format!(
+            "\n[[listeners.front.tls.certs]]\ncert = \"{}\"\nkey = \"{}\"\n\n[pools.app]",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let lb = balancer_with(&text, 1);
+    let addr = lb.listeners["front"];
+    let first = tls_served_from("127.0.0.1", addr).await;
+    // Refused at accept, before any TLS byte.
+    let mut second = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut second, Duration::from_secs(2)).await;
+    let other = tls_served_from("127.0.0.2", addr).await;
+    assert_eq!(
+        front_metric(&lb, "fulcrum_client_connections_refused_per_ip_total").await,
+        1.0
+    );
+    drop((first, other));
+}
