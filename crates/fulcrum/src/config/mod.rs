@@ -176,6 +176,10 @@ pub struct ListenerConfig {
     /// Open client connections above this are refused (closed at accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Open client connections from one client IP (the socket peer, before any PROXY header;
+    /// IPv6 per full address) above this are refused (closed at accept).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// A client must send a complete request head (on HTTP/2: the connection preface and its
     /// SETTINGS) within this time (408-style close).
     #[serde(default = "default_header_read_timeout")]
@@ -273,6 +277,12 @@ fn default_protocol() -> ListenerProtocol {
 fn default_max_connections() -> usize {
     // Generous for one host, yet bounded so a connection flood cannot exhaust file descriptors.
     10_000
+}
+fn default_max_connections_per_ip() -> usize {
+    // Off (the largest value) unless set: behind a CDN, a NAT or a front load balancer every
+    // client can share one address, and a limit would refuse them all; set it on listeners
+    // that face clients directly.
+    1_000_000
 }
 fn default_header_read_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))

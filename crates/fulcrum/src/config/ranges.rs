@@ -220,6 +220,13 @@ impl Checker<'_> {
                 "",
             )?;
             self.count(
+                &key("max_connections_per_ip"),
+                listener.max_connections_per_ip,
+                1,
+                MAX_CONNECTIONS,
+                "",
+            )?;
+            self.count(
                 &key("max_header_bytes"),
                 listener.max_header_bytes,
                 HEADER_BYTES.0,
@@ -593,6 +600,10 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
             (
                 "h2_connection_window = 3000000000",
                 "`listeners.web.h2_connection_window` must be between 65535 and 2147483647, not 3000000000",
+            ),
+            (
+                "max_connections_per_ip = 0",
+                "`listeners.web.max_connections_per_ip` must be between 1 and 1000000, not 0",
             ),
             (
                 "h2_max_send_buffer = 0",

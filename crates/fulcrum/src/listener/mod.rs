@@ -17,12 +17,14 @@ use tokio::task::JoinHandle;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::http::HttpProxy;
 use crate::runtime::workers::Workers;
+use per_ip::{IpSlot, PerIpLimit};
 use tls::TlsListener;
 
 mod h2;
 #[cfg(target_os = "linux")]
 mod lot;
 mod park;
+pub mod per_ip;
 pub mod tcp;
 pub mod tls;
 
@@ -67,6 +69,8 @@ pub struct ListenerStats {
     pub accepted: AtomicU64,
     /// Client connections closed at accept because of `max_connections`.
     pub refused: AtomicU64,
+    /// Client connections closed at accept because of `max_connections_per_ip`.
+    pub refused_per_ip: AtomicU64,
     /// Client connections accepted by each worker (how evenly the kernel spreads them).
     pub accepted_by_worker: Box<[AtomicU64]>,
     /// Idle client connections parked in the listener's parking lots now (Linux).
@@ -161,6 +165,8 @@ pub(crate) fn start_listener(
     }
     // `max_connections` bounds the listener as a whole, across its workers.
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    // So does `max_connections_per_ip`, for each client IP.
+    let per_ip = Arc::new(PerIpLimit::new(config.max_connections_per_ip));
     let kept = duplicate(&sockets).map_err(ListenerError::Duplicate)?;
     let mut sockets = sockets.into_iter().map(Some).collect::<Vec<_>>();
     let (http_proxy, tcp_proxy) = if config.protocol == ListenerProtocol::Tcp {
@@ -173,6 +179,8 @@ pub(crate) fn start_listener(
         let socket = sockets[worker].take();
         let accept = AcceptSettings {
             limit: limit.clone(),
+            max_connections: config.max_connections,
+            per_ip: per_ip.clone(),
             stop: stopped.clone(),
             shutdown_timeout,
             stats: stats.clone(),
@@ -194,9 +202,7 @@ pub(crate) fn start_listener(
                 None => return,
             };
             match (tcp_proxy, http_proxy) {
-                (Some(tcp_proxy), _) => {
-                    tcp::serve_tcp(listener, tcp_proxy, config.max_connections, accept).await
-                }
+                (Some(tcp_proxy), _) => tcp::serve_tcp(listener, tcp_proxy, accept).await,
                 (None, Some(proxy)) => serve_http(listener, proxy, config, accept, tls).await,
                 (None, None) => {}
             }
@@ -218,12 +224,49 @@ pub(crate) fn start_listener(
 pub struct AcceptSettings {
     /// The listener's `max_connections`, across all its workers.
     pub limit: Arc<Semaphore>,
+    /// The size of `limit` (for the log).
+    pub max_connections: usize,
+    /// The listener's `max_connections_per_ip`, across all its workers.
+    pub per_ip: Arc<PerIpLimit>,
     /// Turns true when the listener must stop accepting and drain.
     pub stop: watch::Receiver<bool>,
     /// How long draining may take.
     pub shutdown_timeout: Duration,
     /// The listener's connection counters.
     pub stats: Arc<ListenerStats>,
+}
+
+impl AcceptSettings {
+    /// Admits the connection just accepted from `client` (the socket peer, before any PROXY
+    /// header), or counts and logs (at most once a second for `max_connections_per_ip`) why it
+    /// is refused; the caller then closes it.
+    pub fn admit(&self, client: SocketAddr) -> Option<Admitted> {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%client, max_connections = self.max_connections, "connection limit reached; closing new connection");
+            return None;
+        };
+        let Some(ip) = self.per_ip.try_acquire(client.ip()) else {
+            self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            if self.per_ip.should_log() {
+                tracing::warn!(%client, max_connections_per_ip = self.per_ip.max(), "connection limit per client IP reached; closing new connections from it (logged at most once a second)");
+            }
+            return None;
+        };
+        self.stats.note_accepted();
+        Some(Admitted {
+            _permit: permit,
+            _ip: ip,
+        })
+    }
+}
+
+/// An admitted connection's place in `max_connections` and in its IP's
+/// `max_connections_per_ip`, both released when it drops.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _ip: IpSlot,
 }
 
 /// Binds `count` listening sockets on `address` (one per worker; port 0 is resolved by the
@@ -304,12 +347,9 @@ async fn serve_http(
     accept_settings: AcceptSettings,
     tls: Option<Arc<TlsListener>>,
 ) {
-    let AcceptSettings {
-        limit,
-        mut stop,
-        shutdown_timeout,
-        stats,
-    } = accept_settings;
+    let mut stop = accept_settings.stop.clone();
+    let shutdown_timeout = accept_settings.shutdown_timeout;
+    let stats = accept_settings.stats.clone();
     let builder = Arc::new(http_builder(&config));
     // Every connection (TLS ones after their handshake) parks and drains through `drain`.
     let plain = tls.is_none();
@@ -323,13 +363,10 @@ async fn serve_http(
             accepted = accept(&listener) => accepted,
             _ = stop.changed() => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%client, max_connections = config.max_connections, "connection limit reached; closing new connection");
+        let Some(permit) = accept_settings.admit(client) else {
             drop(stream);
             continue;
         };
-        stats.note_accepted();
         if config.accept_proxy_protocol {
             serve_connection_after_proxy_header(
                 &park,
@@ -372,7 +409,7 @@ fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
     proxy: Arc<HttpProxy>,
-    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
+    (permit, stats): (Admitted, Arc<ListenerStats>),
 ) {
     let slot = Arc::new(ConnectionSlot::new(permit, stats));
     tokio::spawn(park::serve(
@@ -409,19 +446,16 @@ pub(crate) fn attach_client_slot<B>(request: &mut http::Request<B>, slot: &Arc<C
     }
 }
 
-/// One client connection's place on its listener: its `max_connections` permit and its count
-/// in the open connections, both released when the last holder (the connection, or the tunnel
+/// One client connection's place on its listener: its `max_connections` permit, its count in
+/// its IP's `max_connections_per_ip` and in the open connections, both released when the last holder (the connection, or the tunnel
 /// of an upgraded connection) drops it.
 pub(crate) struct ConnectionSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: Admitted,
     stats: Arc<ListenerStats>,
 }
 
 impl ConnectionSlot {
-    pub(crate) fn new(
-        permit: tokio::sync::OwnedSemaphorePermit,
-        stats: Arc<ListenerStats>,
-    ) -> Self {
+    pub(crate) fn new(permit: Admitted, stats: Arc<ListenerStats>) -> Self {
         stats.open.fetch_add(1, Ordering::Relaxed);
         ConnectionSlot {
             _permit: permit,
@@ -445,7 +479,7 @@ fn serve_connection_after_proxy_header(
     mut stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<HttpProxy>,
-    (permit, stats): (tokio::sync::OwnedSemaphorePermit, Arc<ListenerStats>),
+    (permit, stats): (Admitted, Arc<ListenerStats>),
     header_timeout: Duration,
 ) {
     let slot = Arc::new(ConnectionSlot::new(permit, stats));

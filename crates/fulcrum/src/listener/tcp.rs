@@ -1,5 +1,5 @@
-//! The accept loop of a TCP (L4) listener: each connection, within `max_connections`, is one
-//! session of the TCP proxy.
+//! The accept loop of a TCP (L4) listener: each connection, within `max_connections` and
+//! `max_connections_per_ip`, is one session of the TCP proxy.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,15 +15,11 @@ use crate::proxy::tcp::TcpProxy;
 pub async fn serve_tcp(
     listener: TcpListener,
     proxy: Arc<TcpProxy>,
-    max_connections: usize,
     accept_settings: AcceptSettings,
 ) {
-    let AcceptSettings {
-        limit,
-        mut stop,
-        shutdown_timeout,
-        stats,
-    } = accept_settings;
+    let mut stop = accept_settings.stop.clone();
+    let shutdown_timeout = accept_settings.shutdown_timeout;
+    let stats = accept_settings.stats.clone();
     let mut sessions = JoinSet::new();
     loop {
         let (stream, client) = tokio::select! {
@@ -31,13 +27,10 @@ pub async fn serve_tcp(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             _ = stop.changed() => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%client, max_connections, "connection limit reached; closing new connection");
+        let Some(permit) = accept_settings.admit(client) else {
             drop(stream);
             continue;
         };
-        stats.note_accepted();
         let open = OpenConnection::new(stats.clone());
         let proxy = proxy.clone();
         sessions.spawn(async move {

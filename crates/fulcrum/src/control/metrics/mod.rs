@@ -264,6 +264,15 @@ impl Collector for ServerCollector {
                 )
             })
             .collect();
+        let refused_per_ip: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.refused_per_ip.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
         gauge(
             &mut encoder,
             "fulcrum_client_connections_open",
@@ -295,6 +304,12 @@ impl Collector for ServerCollector {
             "fulcrum_client_connections_refused",
             "Client connections refused at the connection limit.",
             &refused,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_client_connections_refused_per_ip",
+            "Client connections refused at the limit per client IP (max_connections_per_ip).",
+            &refused_per_ip,
         )?;
         let reloads = vec![
             (

@@ -1,0 +1,206 @@
+//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener. Real `fulcrum`
+//! processes; raw client sockets bound to 127.0.0.1 and 127.0.0.2.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Config with one listener `front` (`protocol`) in front of `backend`, 3 connections per IP.
+fn config(protocol: &str, backend: SocketAddr) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listeners.front]\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\npool = \"app\"\n\
+         max_connections_per_ip = 3\n\n\
+         [pools.app]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// A connection to `addr` from the local address `from`.
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Whether `stream` is served: a request (HTTP) or a line (TCP echo) gets an answer, rather
+/// than the connection closing. Bounded to 5 s.
+async fn served(stream: &mut TcpStream, http: bool) -> bool {
+    let probe: &[u8] = if http {
+        b"GET / HTTP/1.1\r\nHost: per-ip\r\n\r\n"
+    } else {
+        b"ping\n"
+    };
+    if stream.write_all(probe).await.is_err() {
+        return false;
+    }
+    let mut data = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => data.extend_from_slice(&buffer[..n]),
+            }
+            let done = if http {
+                data.windows(4).any(|w| w == b"\r\n\r\n")
+            } else {
+                data.ends_with(b"\n")
+            };
+            if done {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("neither an answer nor a close within 5 s");
+    if read && http {
+        assert!(data.starts_with(b"HTTP/1.1 200"), "{data:?}");
+    }
+    read && (http || data == b"ping\n")
+}
+
+/// A served connection from `from`: retried (bounded) while the server may still be
+/// releasing a closed connection's count.
+async fn served_from(from: &str, addr: SocketAddr, http: bool) -> TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = connect_from(from, addr).await;
+        if served(&mut stream, http).await {
+            return stream;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection from {from} served within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of metric `name` for listener `front`.
+async fn front_metric(lb: &Proc, name: &str) -> f64 {
+    let text = metrics_text(lb).await;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("listener=\"front\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+async fn limits_connections_per_ip(lb: &Proc, http: bool) {
+    let addr = lb.listeners["front"];
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(served_from("127.0.0.1", addr, http).await);
+    }
+    // The 4th from the same IP is closed at accept.
+    let mut fourth = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut fourth, Duration::from_secs(2)).await;
+    assert_eq!(
+        front_metric(lb, "fulcrum_client_connections_refused_per_ip_total").await,
+        1.0
+    );
+    assert_eq!(
+        front_metric(lb, "fulcrum_client_connections_refused_total").await,
+        0.0
+    );
+    // Another IP is served.
+    let other = served_from("127.0.0.2", addr, http).await;
+    // Closing one of the three frees its place.
+    drop(open.pop());
+    open.push(served_from("127.0.0.1", addr, http).await);
+    drop((open, other));
+    assert!(lb.logs().contains("connection limit per client IP reached"));
+}
+
+#[tokio::test]
+async fn http_listener_limits_connections_per_ip() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config("http", backend.addr), 1);
+    limits_connections_per_ip(&lb, true).await;
+}
+
+#[tokio::test]
+async fn tcp_listener_limits_connections_per_ip() {
+    let echo = backend_with("echo", &["--tcp-echo"]);
+    let lb = balancer_with(&config("tcp", echo.addr), 1);
+    limits_connections_per_ip(&lb, false).await;
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_place_until_the_tunnel_closes() {
+    let backend = backend("ws", 0);
+    let lb = balancer_with(&config("http", backend.addr).replace("= 3", "= 1"), 1);
+    let addr = lb.listeners["front"];
+    let stream = connect_from("127.0.0.1", addr).await;
+    let (socket, response) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+        .await
+        .expect("WebSocket handshake through fulcrum");
+    assert_eq!(response.status(), 101);
+    // The tunnel holds the IP's one place: another connection from it is closed at accept.
+    let mut second = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut second, Duration::from_secs(2)).await;
+    drop(socket);
+    drop(served_from("127.0.0.1", addr, true).await);
+}
+
+/// A TLS connection from `from` to `addr` (any certificate accepted) that answers a GET.
+async fn tls_served_from(
+    from: &str,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let config = fulcrum::upstream::tls::client_config(None, false, b"http/1.1").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let stream = connect_from(from, addr).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, stream)
+        .await
+        .expect("TLS handshake");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: per-ip\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut tls).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    tls
+}
+
+#[tokio::test]
+async fn https_listener_limits_connections_per_ip_before_the_handshake() {
+    let backend = backend("app", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("web.crt"), dir.path().join("web.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let text = config("https", backend.addr).replace("= 3", "= 1").replace(
+        "\n\n[pools.app]",
+        &format!(
+            "\n[[listeners.front.tls.certs]]\ncert = \"{}\"\nkey = \"{}\"\n\n[pools.app]",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let lb = balancer_with(&text, 1);
+    let addr = lb.listeners["front"];
+    let first = tls_served_from("127.0.0.1", addr).await;
+    // Refused at accept, before any TLS byte.
+    let mut second = connect_from("127.0.0.1", addr).await;
+    closed_within(&mut second, Duration::from_secs(2)).await;
+    let other = tls_served_from("127.0.0.2", addr).await;
+    assert_eq!(
+        front_metric(&lb, "fulcrum_client_connections_refused_per_ip_total").await,
+        1.0
+    );
+    drop((first, other));
+}
