@@ -121,13 +121,24 @@ impl ParkSettings {
         self.closing.send_replace(true);
     }
 
-    /// The timeouts of this listener's HTTP/2 connections.
-    fn h2_timeouts(&self) -> super::h2::Timeouts {
-        super::h2::Timeouts {
+    /// Serves an HTTP/2 connection (prior knowledge, or ALPN `h2`) with this listener's
+    /// builder and timeouts.
+    async fn serve_http2<S>(
+        &self,
+        stream: S,
+        client: SocketAddr,
+        proxy: Arc<HttpProxy>,
+        slot: Arc<ConnectionSlot>,
+        drain: &mut watch::Receiver<()>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeouts = super::h2::Timeouts {
             handshake: self.header_read_timeout,
             idle: self.keep_alive_timeout,
             closing: self.closing.subscribe(),
-        }
+        };
+        super::h2::serve(&self.auto, timeouts, stream, client, proxy, slot, drain).await;
     }
 
     /// Connections start with a TLS handshake on `tls` (an `https` listener), if given.
@@ -246,16 +257,7 @@ pub(crate) async fn serve(
         First::Closed => return,
         First::Http2 => {
             // Boxed, like the rounds below: a parked connection's task stays small.
-            Box::pin(super::h2::serve(
-                &settings.auto,
-                settings.h2_timeouts(),
-                stream,
-                client,
-                proxy,
-                slot,
-                &mut drain,
-            ))
-            .await;
+            Box::pin(settings.serve_http2(stream, client, proxy, slot, &mut drain)).await;
             return;
         }
         First::Http1 => {}
@@ -287,17 +289,9 @@ async fn serve_tls(
         return;
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let timeouts = settings.h2_timeouts();
-        super::h2::serve(
-            &settings.auto,
-            timeouts,
-            stream,
-            client,
-            proxy,
-            slot,
-            &mut drain,
-        )
-        .await;
+        settings
+            .serve_http2(stream, client, proxy, slot, &mut drain)
+            .await;
         return;
     }
     // hyper's header timer bounds the first request from here.
