@@ -368,4 +368,19 @@ async fn ctl_talks_to_a_tls_admin_with_a_private_ca_and_a_token_file() {
         "--admin", &https, "--ca", ca_arg, "--token", "t0ken", "pools",
     ];
     assert_eq!(ctl_env(&args, &[]).await.code, Some(0));
+    // A client offering h2 (curl, browsers) gets HTTP/1.1, which is what the admin speaks.
+    let browser = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .tls_backend_preconfigured(trusting(&ca.pem()))
+        .build()
+        .unwrap();
+    let answer = browser
+        .get(format!("{https}/api/pools"))
+        .header("authorization", "Bearer t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.version(), reqwest::Version::HTTP_11);
 }
