@@ -355,9 +355,7 @@ pub async fn start(
     } else {
         None
     };
-    if admin.token_file.is_some() {
-        tokio::spawn(watch_token_file(server.clone(), stop.clone()));
-    }
+    tokio::spawn(watch_token_file(server.clone(), stop.clone()));
     let limits = Limits {
         max_connections: admin.max_connections.max(1),
         header_read_timeout: admin.header_read_timeout.0,
@@ -368,7 +366,7 @@ pub async fn start(
     Ok(address)
 }
 
-/// Re-reads `[admin] token_file` when it changes (its modification time or length, checked
+/// Re-reads `[admin] token_file` (when the configuration in force has one) when it changes (its modification time or length, checked
 /// every [`WATCH_INTERVAL`]) until `stop` turns true: the new token is in force from then
 /// on. A file that cannot be read or is empty keeps the old token (logged, recorded as an
 /// event). A reload re-reads the file itself; requests never touch the file system.
@@ -384,6 +382,9 @@ async fn watch_token_file(server: Arc<Server>, mut stop: watch::Receiver<bool>) 
             return;
         }
         let current = server.admin_config();
+        if current.token_file.is_none() {
+            continue; // None now; a reload may set one.
+        }
         let seen = current.clone();
         // File system calls block: keep them off the async workers.
         let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || seen.reread_token_file()).await
