@@ -1,7 +1,9 @@
 //! The admin listener: REST API over the pools (JSON in and out), reload, events.
 //! Loopback by default and safe by default: every call passes the checks of `auth.rs` (its
 //! `Host` names the admin, it is not cross-site, a write's body is JSON, the bearer token when
-//! there is one); the listener bounds its connections, their header read time and idle time.
+//! there is one: configured, read from `token_file` and re-read when it changes, or generated
+//! at start off loopback); the listener bounds its connections, their header read time and
+//! idle time, and speaks TLS with `[admin] tls` (the listeners' `listener/tls.rs`).
 
 mod auth;
 
@@ -366,9 +368,9 @@ pub async fn start(
     Ok(address)
 }
 
-/// Re-reads `[admin] token_file` (when the configuration in force has one) when it changes (its modification time or length, checked
-/// every [`WATCH_INTERVAL`]) until `stop` turns true: the new token is in force from then
-/// on. A file that cannot be read or is empty keeps the old token (logged, recorded as an
+/// Re-reads `[admin] token_file` (when the configuration in force has one) when it changes
+/// (its modification time or length, checked every [`WATCH_INTERVAL`]) until `stop` turns
+/// true: the new token is in force from then on. A file that cannot be read or is empty keeps the old token (logged, recorded as an
 /// event). A reload re-reads the file itself; requests never touch the file system.
 async fn watch_token_file(server: Arc<Server>, mut stop: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(WATCH_INTERVAL);
