@@ -117,7 +117,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Ctl(args) => Ok(fulcrum::cli::ctl::main(args)),
         Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
+                if loaded.admin.needs_generated_token() {
+                    eprintln!(
+                        "note: [admin] listen {} is not loopback and has no token or token_file: `fulcrum run` will generate a token at start, print it once on stderr (\"admin token (generated, not saved): ...\") and require it",
+                        loaded.admin.listen.get_ref().0
+                    );
+                }
                 println!("{}: ok", config.display());
                 Ok(ExitCode::SUCCESS)
             }
@@ -278,7 +284,12 @@ async fn run_until_signal(
             listener.pool
         );
     }
-    println!("listening admin http://{admin_address}");
+    let admin_scheme = if server.admin_config().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("listening admin {admin_scheme}://{admin_address}");
     if path.is_none() {
         if let Some(first) = server.listeners().await.first() {
             println!("try: curl -i http://{}/", first.address);

@@ -223,15 +223,172 @@ async fn public_admin_requires_the_token() {
         .await
         .unwrap();
     assert_eq!(right.status(), 200);
+}
 
-    // Without a token, a public admin address is refused at start.
-    let (_dir, path) = write_config(&config.replace("token = \"t0ken\"\n", ""));
+/// The token a `fulcrum run` printed on stderr for a public admin address without one.
+fn generated_token(lb: &Proc) -> Option<String> {
+    let logs = lb.logs();
+    let mut tokens = logs
+        .lines()
+        .filter_map(|l| l.strip_prefix("admin token (generated, not saved): "));
+    let token = tokens.next()?.trim().to_string();
+    assert!(tokens.next().is_none(), "printed once: {logs}");
+    Some(token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_admin_without_a_token_generates_one_and_requires_it() {
+    let a = backend("a", 0);
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"0.0.0.0:0\"",
+    );
+    // `fulcrum check` says what will happen.
+    let (_dir, path) = write_config(&config);
     let output = std::process::Command::new(fulcrum_bin())
-        .args(["run", "--config", path.to_str().unwrap()])
+        .args(["check", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("token"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("not loopback") && stderr.contains("will generate a token"),
+        "{stderr}"
+    );
+
+    let lb = balancer_with(&config, 1);
+    let token = generated_token(&lb).unwrap_or_else(|| panic!("no token printed: {}", lb.logs()));
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    // Bound on every address, reached here through loopback.
+    let url = format!(
+        "http://127.0.0.1:{}/api/pools",
+        lb.listeners["admin"].port()
+    );
+    let client = client();
+    let status = |token: Option<String>| {
+        let mut request = client.get(&url);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("nope".into())).await, 401);
+    assert_eq!(status(Some(token[..63].to_string())).await, 401);
+    assert_eq!(status(Some(token.clone())).await, 200);
+
+    // Another start, another token.
+    let again = balancer_with(&config, 1);
+    assert_ne!(generated_token(&again), Some(token));
+    // A configured token: nothing generated.
+    let configured = balancer_with(
+        &config.replace("[admin]\n", "[admin]\ntoken = \"t0ken\"\n"),
+        1,
+    );
+    assert_eq!(generated_token(&configured), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_rotates_without_restart_and_never_falls_open() {
+    let a = backend("a", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"",
+            token_file.display()
+        ),
+    );
+    let lb = balancer_with(&config, 1);
+    let url = format!("{}/api/pools", lb.admin_url());
+    let client = client();
+    let status = |token: Option<&'static str>| {
+        let mut request = client.get(&url);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("first-token")).await, 200);
+
+    // Rewritten in place: the new token works within about a second, the old one stops.
+    let rewritten = Instant::now();
+    std::fs::write(&token_file, "second-token").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(Some("second-token")).await == 200
+        })
+        .await,
+        "{}",
+        lb.logs()
+    );
+    let took = rewritten.elapsed();
+    assert!(took < Duration::from_secs(3), "rotation took {took:?}");
+    assert_eq!(status(Some("first-token")).await, 401);
+
+    // Emptied: logged, the second token stays in force, nothing opens.
+    std::fs::write(&token_file, "").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            lb.logs()
+                .contains("admin token file changed but cannot be used")
+        })
+        .await,
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("second-token")).await, 200);
+
+    // Gone at reload: the reload is refused, the second token stays in force.
+    std::fs::remove_file(&token_file).unwrap();
+    let reload = client
+        .post(format!("{}/api/reload", lb.admin_url()))
+        .header("authorization", "Bearer second-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 400);
+    let answer = reload.text().await.unwrap();
+    assert!(answer.contains("cannot read token file"), "{answer}");
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("second-token")).await, 200);
+
+    // Back, and re-read by a SIGHUP reload.
+    std::fs::write(&token_file, "third-token").unwrap();
+    lb.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(Some("third-token")).await == 200
+        })
+        .await,
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(status(Some("second-token")).await, 401);
+    let events = admin_get_with(&lb, "/api/events", "third-token").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "admin_token_reload"),
+        "{events}"
+    );
+}
+
+async fn admin_get_with(lb: &Proc, path: &str, token: &str) -> serde_json::Value {
+    let response = client()
+        .get(format!("{}{path}", lb.admin_url()))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ async fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Ctl {
         .args(args)
         .env_remove("FULCRUM_ADMIN")
         .env_remove("FULCRUM_TOKEN")
+        .env_remove("FULCRUM_CA")
         .envs(env.iter().copied())
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(20), command.output())
@@ -276,7 +277,110 @@ async fn ctl_reports_an_unreachable_admin_api() {
             .contains(&format!("cannot reach admin API at {dead}")),
         "{out:?}"
     );
-    let out = ctl_env(&["--admin", "https://127.0.0.1:1", "pools"], &[]).await;
+    let out = ctl_env(&["--admin", "ftp://127.0.0.1:1", "pools"], &[]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("invalid admin URL"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_talks_to_a_tls_admin_with_a_private_ca_and_a_token_file() {
+    let a = backend("a", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["127.0.0.1"]).write(dir.path(), "admin");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let config = config_for(&[(a.addr, 1)], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+            token_file.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let lb = balancer_with(&config, 1);
+    let admin = lb.listeners["admin"];
+    let https = format!("https://{admin}");
+    let (ca_arg, token_arg) = (ca_file.to_str().unwrap(), token_file.to_str().unwrap());
+
+    // Trusted through --ca or FULCRUM_CA, with the token from --token-file or FULCRUM_TOKEN.
+    let args = [
+        "--admin",
+        &https,
+        "--ca",
+        ca_arg,
+        "--token-file",
+        token_arg,
+        "pools",
+    ];
+    let out = ctl_env(&args, &[]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("app"), "{out:?}");
+    let env = [("FULCRUM_CA", ca_arg), ("FULCRUM_TOKEN", "t0ken")];
+    let out = ctl_env(&["--admin", &https, "backends", "app"], &env).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains(&a.addr.to_string()), "{out:?}");
+
+    // Without the token: 401 with a hint; an unknown CA: refused, with a hint.
+    let out = ctl_env(&["--admin", &https, "--ca", ca_arg, "pools"], &[]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("401") && out.stderr.contains("--token-file"),
+        "{out:?}"
+    );
+    let out = ctl_env(&["--admin", &https, "--token", "t0ken", "pools"], &[]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("TLS") && out.stderr.contains("--ca"),
+        "{out:?}"
+    );
+    let missing = dir.path().join("missing");
+    let args = [
+        "--admin",
+        &https,
+        "--token-file",
+        missing.to_str().unwrap(),
+        "pools",
+    ];
+    let out = ctl_env(&args, &[]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot read token file"), "{out:?}");
+
+    // Plain HTTP to the TLS port fails cleanly: one error line, no answer, nothing served.
+    let http = format!("http://{admin}");
+    let out = ctl_env(&["--admin", &http, "--token", "t0ken", "pools"], &[]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(out.stderr.contains("https://"), "{out:?}");
+    let plain = client()
+        .get(format!("{http}/api/pools"))
+        .header("authorization", "Bearer t0ken")
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+
+    // And the admin still answers over TLS.
+    let args = [
+        "--admin", &https, "--ca", ca_arg, "--token", "t0ken", "pools",
+    ];
+    assert_eq!(ctl_env(&args, &[]).await.code, Some(0));
+    // A client offering h2 (curl, browsers) gets HTTP/1.1, which is what the admin speaks.
+    let browser = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .tls_backend_preconfigured(trusting(&ca.pem()))
+        .build()
+        .unwrap();
+    let answer = browser
+        .get(format!("{https}/api/pools"))
+        .header("authorization", "Bearer t0ken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.version(), reqwest::Version::HTTP_11);
 }

@@ -4,20 +4,27 @@
 //! answer that does not match — a field missing, say — is an error naming the endpoint.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::control::api;
 use crate::pool::AdminState;
+use crate::upstream::tls::client_config;
 
 /// Where the admin API is when neither `--admin` nor `FULCRUM_ADMIN` says otherwise.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9090";
@@ -36,8 +43,21 @@ pub struct CtlArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub admin: Option<String>,
     /// Bearer token of the admin API [env: FULCRUM_TOKEN].
-    #[arg(long, global = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
+    /// File holding the bearer token (surrounding white space ignored), e.g. the admin's
+    /// `[admin] token_file`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA certificates to verify an https:// admin API with, instead of the
+    /// public roots [env: FULCRUM_CA].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
     /// Print the API's raw JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -158,11 +178,18 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
         .or_else(|| std::env::var("FULCRUM_ADMIN").ok())
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
-    let token = args
-        .token
-        .or_else(|| std::env::var("FULCRUM_TOKEN").ok())
-        .filter(|t| !t.is_empty());
-    let client = Client::new(&admin, token)?;
+    let token = match (args.token, &args.token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(path)) => Some(read_token_file(path)?),
+        (None, None) => std::env::var("FULCRUM_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    let ca = args.ca.or_else(|| {
+        std::env::var_os("FULCRUM_CA")
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    });
+    let client = Client::new(&admin, token, ca.as_deref())?;
     let json = args.json;
     let backend_path = |pool: &str, address: &str| {
         format!("/api/pools/{}/backends/{}", encode(pool), encode(address))
@@ -273,6 +300,17 @@ pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
     }
 }
 
+/// The token in `path`, without surrounding white space.
+fn read_token_file(path: &std::path::Path) -> Result<String, CtlError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CtlError(format!("cannot read token file {}: {e}", path.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CtlError(format!("token file {} is empty", path.display())));
+    }
+    Ok(token.to_string())
+}
+
 /// PATCHes a backend's admin state.
 async fn set_state(
     client: &Client,
@@ -340,10 +378,12 @@ struct Client {
     /// Path prefix of the base URL, without a trailing slash.
     prefix: String,
     token: Option<String>,
+    /// For an https:// URL: the TLS settings and the name the certificate must carry.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
 impl Client {
-    fn new(base: &str, token: Option<String>) -> Result<Client, CtlError> {
+    fn new(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<Client, CtlError> {
         let bad = |why: &str| CtlError(format!("invalid admin URL \"{base}\": {why}"));
         let with_scheme = if base.contains("://") {
             base.to_string()
@@ -353,23 +393,38 @@ impl Client {
         let uri: Uri = with_scheme
             .parse()
             .map_err(|_| bad("expected http://HOST:PORT"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(other) => return Err(bad(&format!("scheme {other} is not supported, use http"))),
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other} is not supported, use http or https"
+                )))
+            }
             None => return Err(bad("expected http://HOST:PORT")),
-        }
+        };
         let host = uri.host().ok_or_else(|| bad("no host"))?;
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host)
             .to_string();
+        let tls = if https {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| bad("the host is not a valid DNS name or IP address"))?;
+            let config =
+                client_config(ca, true, b"http/1.1").map_err(|e| CtlError(e.to_string()))?;
+            Some((config, name))
+        } else {
+            None
+        };
         Ok(Client {
             base: base.to_string(),
             host,
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
             prefix: uri.path().trim_end_matches('/').to_string(),
             token,
+            tls,
         })
     }
 
@@ -416,10 +471,27 @@ impl Client {
             })?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(connection);
+        let mut sender = match &self.tls {
+            None => handshake(stream).await,
+            Some((config, name)) => {
+                let connect = TlsConnector::from(config.clone()).connect(name.clone(), stream);
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| {
+                        unreachable(format!(
+                            "TLS handshake timed out after {}s",
+                            CONNECT_TIMEOUT.as_secs()
+                        ))
+                    })?
+                    .map_err(|e| {
+                        unreachable(format!(
+                            "TLS: {e} (a private CA is trusted with --ca FILE or FULCRUM_CA)"
+                        ))
+                    })?;
+                handshake(stream).await
+            }
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
 
         let host_header = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -447,10 +519,15 @@ impl Client {
         let request = request
             .body(Full::new(payload))
             .map_err(|e| CtlError(format!("cannot build the request {method} {path}: {e}")))?;
+        let hint = if self.tls.is_none() {
+            " (an admin API with [admin] tls needs an https:// URL)"
+        } else {
+            ""
+        };
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| unreachable(format!("{method} {path}: {e}")))?;
+            .map_err(|e| unreachable(format!("{method} {path}: {e}{hint}")))?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()
@@ -464,6 +541,16 @@ impl Client {
         let error: Option<api::ErrorBody> = serde_json::from_slice(&bytes).ok();
         Err(CtlError(api_error(status, error.as_ref(), &bytes)))
     }
+}
+
+/// An HTTP/1.1 client connection over `io` (its connection task spawned).
+async fn handshake<S>(io: S) -> hyper::Result<SendRequest<Full<Bytes>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 /// One line describing an API error answer.
@@ -484,7 +571,7 @@ fn api_error(status: StatusCode, body: Option<&api::ErrorBody>, raw: &[u8]) -> S
         }
     }
     if status == StatusCode::UNAUTHORIZED {
-        line.push_str(" (give it with --token or FULCRUM_TOKEN)");
+        line.push_str(" (give it with --token, --token-file or FULCRUM_TOKEN)");
     }
     line
 }
@@ -739,14 +826,22 @@ mod tests {
 
     #[test]
     fn admin_urls_parse() {
-        let client = Client::new("http://127.0.0.1:9090", None).unwrap();
+        let client = Client::new("http://127.0.0.1:9090", None, None).unwrap();
         assert_eq!((client.host.as_str(), client.port), ("127.0.0.1", 9090));
-        let client = Client::new("[::1]:9", None).unwrap();
+        assert!(client.tls.is_none());
+        let client = Client::new("[::1]:9", None, None).unwrap();
         assert_eq!((client.host.as_str(), client.port), ("::1", 9));
-        let client = Client::new("http://localhost/admin/", None).unwrap();
+        let client = Client::new("http://localhost/admin/", None, None).unwrap();
         assert_eq!((client.port, client.prefix.as_str()), (80, "/admin"));
-        assert!(Client::new("https://x:1", None).is_err());
-        assert!(Client::new("http://", None).is_err());
+        let client = Client::new("https://admin.example/", None, None).unwrap();
+        assert_eq!(client.port, 443);
+        assert!(client.tls.is_some());
+        let client = Client::new("https://[::1]:9443", None, None).unwrap();
+        assert_eq!((client.host.as_str(), client.port), ("::1", 9443));
+        assert!(Client::new("ftp://x:1", None, None).is_err());
+        assert!(Client::new("http://", None, None).is_err());
+        let missing = Client::new("https://x:1", None, Some(Path::new("/nonexistent/ca.pem")));
+        assert!(missing.is_err_and(|e| e.0.contains("/nonexistent/ca.pem")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The TOML configuration: schema (serde), parsing with `file:line:column` errors, and the
 //! cross-reference checks that serde cannot express (a listener naming a missing pool, ...).
 
+mod admin;
 mod autoscale;
 pub mod certs;
 mod health;
@@ -9,7 +10,6 @@ mod tls;
 mod types;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use admin::{AdminConfig, AdminTlsConfig, TokenFileError};
 pub use autoscale::{AutoscaleConfig, AutoscaleMetric, AutoscaleProvider};
 pub use health::{
     AgentCheckConfig, HealthConfig, HealthKind, PassiveConfig, RetryBudgetConfig, StatusRange,
@@ -114,40 +115,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// `[admin]`: where the admin API listens and how it is protected.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Admin listen address; loopback by default.
-    pub listen: Spanned<ListenAddr>,
-    /// Bearer token; required when `listen` is not a loopback address. Re-read on reload.
-    pub token: Option<String>,
-    /// Host names (`name` or `name:port`; without a port, the admin's port) that clients may
-    /// use in `Host` and `Origin` besides the listen address (and `localhost` on loopback).
-    /// Re-read on reload.
-    pub allowed_hosts: Vec<String>,
-    /// Open admin connections above this are closed at accept.
-    pub max_connections: usize,
-    /// A request's headers must arrive within this; a keep-alive connection silent this long
-    /// before its next request is closed too.
-    pub header_read_timeout: ConfigDuration,
-    /// A connection that reads and writes nothing for this long is closed.
-    pub idle_timeout: ConfigDuration,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            listen: Spanned::new(0..0, ListenAddr(SocketAddr::from(([127, 0, 0, 1], 9090)))),
-            token: None,
-            allowed_hosts: Vec::new(),
-            max_connections: 64,
-            header_read_timeout: ConfigDuration(Duration::from_secs(10)),
-            idle_timeout: ConfigDuration(Duration::from_secs(60)),
-        }
-    }
 }
 
 /// The protocol a listener speaks to clients.
@@ -496,12 +463,14 @@ impl Config {
         ranges::check(&config, text)
             .and_then(|()| config.validate())
             .and_then(|()| config.validate_tls())
+            .and_then(|()| config.admin.validate())
             .map_err(|(span, message)| at(Some(span), message))?;
         Ok(config)
     }
 
     /// Makes the certificate, key and CA paths relative to the config file's directory.
     fn resolve_paths(&mut self, base: Option<&Path>) {
+        self.admin.resolve_paths(base);
         for listener in self.listeners.values_mut() {
             for cert in listener.tls.iter_mut().flat_map(|t| t.certs.iter_mut()) {
                 let cert = cert.get_mut();
@@ -656,13 +625,6 @@ impl Config {
                     ));
                 }
             }
-        }
-        let admin = self.admin.listen.get_ref().0;
-        if !admin.ip().is_loopback() && self.admin.token.as_deref().unwrap_or("").is_empty() {
-            return Err((
-                self.admin.listen.span(),
-                format!("admin listen address {admin} is not loopback: set admin.token so the API is not open to the network"),
-            ));
         }
         Ok(())
     }
@@ -843,14 +805,83 @@ request = "30s"
     }
 
     #[test]
-    fn public_admin_needs_a_token() {
+    fn public_admin_without_a_token_gets_one_generated() {
         let text =
             ISSUE_EXAMPLE.replace("listen = \"127.0.0.1:9090\"", "listen = \"0.0.0.0:9090\"");
-        let (line, _, message) = error_at(&text);
-        assert_eq!(line, 3);
-        assert!(message.contains("token"), "{message}");
-        let text = text.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
-        parse(&text).unwrap();
+        assert!(parse(&text).unwrap().admin.needs_generated_token());
+        assert!(!parse(ISSUE_EXAMPLE).unwrap().admin.needs_generated_token());
+        let with_token = text.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+        let config = parse(&with_token).unwrap();
+        assert!(!config.admin.needs_generated_token());
+        assert_eq!(config.admin.token(), Some("s3cret"));
+    }
+
+    #[test]
+    fn token_file_is_read_checked_and_exclusive_with_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "  t0ken\n").unwrap();
+        let file = dir.path().join("fulcrum.toml");
+        let with = |extra: &str| {
+            ISSUE_EXAMPLE.replace(
+                "listen = \"127.0.0.1:9090\"",
+                &format!("listen = \"0.0.0.0:9090\"\n{extra}"),
+            )
+        };
+        // Relative to the config file's directory.
+        let config = Config::parse(&with("token_file = \"token\""), &file).unwrap();
+        assert_eq!(config.admin.token(), Some("t0ken"));
+        assert!(!config.admin.needs_generated_token());
+        assert!(config.admin.reread_token_file().is_none(), "unchanged");
+        std::fs::write(&token, "n3w-token").unwrap();
+        let rotated = config.admin.reread_token_file().unwrap().unwrap();
+        assert_eq!(rotated.token(), Some("n3w-token"));
+        assert!(rotated.reread_token_file().is_none());
+        std::fs::write(&token, "\n").unwrap();
+        let (kept, error) = rotated.reread_token_file().unwrap().unwrap_err();
+        assert_eq!(kept.token(), Some("n3w-token"));
+        assert!(error.to_string().contains("is empty"), "{error}");
+        assert!(kept.reread_token_file().is_none(), "reported once");
+        std::fs::remove_file(&token).unwrap();
+        let (kept, error) = kept.reread_token_file().unwrap().unwrap_err();
+        assert_eq!(kept.token(), Some("n3w-token"));
+        assert!(
+            error.to_string().contains("cannot read token file"),
+            "{error}"
+        );
+
+        let (line, column, message) = {
+            let e = Config::parse(&with("token_file = \"token\""), &file).unwrap_err();
+            (e.line, e.column, e.message)
+        };
+        assert_eq!((line, column), (4, 14), "{message}");
+        assert!(message.contains("cannot read token file"), "{message}");
+        std::fs::write(&token, "").unwrap();
+        let e = Config::parse(&with("token_file = \"token\""), &file).unwrap_err();
+        assert!(e.message.contains("is empty"), "{}", e.message);
+        std::fs::write(&token, "two words").unwrap();
+        let e = Config::parse(&with("token_file = \"token\""), &file).unwrap_err();
+        assert!(e.message.contains("visible ASCII"), "{}", e.message);
+        std::fs::write(&token, "t0ken").unwrap();
+        let e = Config::parse(&with("token = \"x\"\ntoken_file = \"token\""), &file).unwrap_err();
+        assert_eq!((e.line, e.column), (5, 14), "{}", e.message);
+        assert!(e.message.contains("not both"), "{}", e.message);
+    }
+
+    #[test]
+    fn admin_tls_certificate_must_load() {
+        let text = ISSUE_EXAMPLE.replace(
+            "listen = \"127.0.0.1:9090\"",
+            "listen = \"127.0.0.1:9090\"\ntls = { cert = \"/nonexistent/a.crt\", key = \"/nonexistent/a.key\" }",
+        );
+        let (line, column, message) = error_at(&text);
+        assert_eq!((line, column), (4, 7), "{message}");
+        assert!(
+            message.contains("admin tls: cannot read certificate file /nonexistent/a.crt"),
+            "{message}"
+        );
+        let text = text.replace("key = ", "kee = ");
+        assert!(error_at(&text).2.contains("unknown field `kee`"));
     }
 
     #[test]

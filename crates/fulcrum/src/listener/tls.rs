@@ -142,6 +142,19 @@ impl TlsListener {
         store: CertStore,
         events: Option<Arc<EventLog>>,
     ) -> Result<Arc<TlsListener>, ListenerTlsError> {
+        let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::with_alpn(name, config, store, events, alpn)
+    }
+
+    /// [`TlsListener::new`] offering the ALPN protocols `alpn` (the admin API: `http/1.1`
+    /// only) instead of `h2` and `http/1.1`.
+    pub fn with_alpn(
+        name: &str,
+        config: &ListenerTlsConfig,
+        store: CertStore,
+        events: Option<Arc<EventLog>>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<TlsListener>, ListenerTlsError> {
         let stamps = file_stamps(config);
         let resolver = Arc::new(SniResolver {
             store: ArcSwap::from_pointee(store),
@@ -151,7 +164,7 @@ impl TlsListener {
             .map_err(ListenerTlsError::Setup)?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server.alpn_protocols = alpn;
         // Session tickets let returning clients resume without a full handshake.
         if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
             server.ticketer = ticketer;

@@ -212,6 +212,13 @@ impl Server {
         self.admin.load_full()
     }
 
+    /// Puts `new` in force as `[admin]` if `current` still is (a reload in between wins: it
+    /// read the token file itself); whether it was. For the admin's token file watch.
+    pub fn replace_admin_config(&self, current: &Arc<AdminConfig>, new: AdminConfig) -> bool {
+        let previous = self.admin.compare_and_swap(current, Arc::new(new));
+        Arc::ptr_eq(&previous, current)
+    }
+
     /// The configuration in force.
     pub async fn config(&self) -> Config {
         self.running.lock().await.config.clone()

@@ -228,6 +228,11 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "[admin] idle_timeout",
             old.admin.idle_timeout != new.admin.idle_timeout,
         ),
+        (
+            "[admin] tls",
+            old.admin.tls.as_ref().map(|t| t.get_ref())
+                != new.admin.tls.as_ref().map(|t| t.get_ref()),
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

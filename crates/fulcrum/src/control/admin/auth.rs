@@ -7,9 +7,10 @@
 //!    not the admin itself, is refused (403), whatever the method.
 //! 3. A write (POST, PUT, PATCH, DELETE) with a body says `Content-Type: application/json`
 //!    (415 otherwise), so a cross-site "simple" form or `text/plain` POST never gets here.
-//! 4. The bearer token, when there is one (configured, or generated at start for a public
-//!    address): compared in constant time, read from the configuration in force on every
-//!    request, so a reload that changes `[admin] token` applies at once.
+//! 4. The bearer token, when there is one (configured as `token` or `token_file`, or
+//!    generated at start for a public address): compared in constant time, read from the
+//!    configuration in force on every request, so a reload that changes `[admin] token`
+//!    applies at once, and so does a token file rewritten in place (see `mod.rs`).
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -46,12 +47,6 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
-}
-
-/// Whether the admin needs a token generated: it listens on a non-loopback address (or the
-/// unspecified one) and no token is configured.
-pub(super) fn needs_generated_token(listen: SocketAddr, token: Option<&str>) -> bool {
-    !listen.ip().to_canonical().is_loopback() && token.unwrap_or("").is_empty()
 }
 
 /// A fresh random token: 32 bytes from the operating system's generator, in hex.
@@ -227,11 +222,7 @@ pub(super) async fn guard(
         tracing::warn!(path = %request.uri().path(), reason = %refused.message, "admin API call refused");
         return refused.into_response();
     }
-    let token = admin
-        .token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .or(guard.generated_token.as_deref());
+    let token = admin.token().or(guard.generated_token.as_deref());
     if let Some(token) = token {
         let presented = request
             .headers()
@@ -285,15 +276,21 @@ mod tests {
 
     #[test]
     fn a_token_is_generated_only_off_loopback_without_one() {
-        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
-        assert!(!needs_generated_token(at("127.0.0.1:9090"), None));
-        assert!(!needs_generated_token(at("127.0.0.2:9090"), None));
-        assert!(!needs_generated_token(at("[::1]:9090"), None));
-        assert!(!needs_generated_token(at("[::ffff:127.0.0.1]:9090"), None));
-        assert!(needs_generated_token(at("0.0.0.0:9090"), None));
-        assert!(needs_generated_token(at("[::]:9090"), Some("")));
-        assert!(needs_generated_token(at("192.0.2.1:9090"), None));
-        assert!(!needs_generated_token(at("0.0.0.0:9090"), Some("s3cret")));
+        let needs = |listen: &str, token: Option<&str>| {
+            let mut admin = crate::config::AdminConfig::default();
+            admin.listen =
+                toml::Spanned::new(0..0, crate::config::ListenAddr(listen.parse().unwrap()));
+            admin.token = token.map(str::to_string);
+            admin.needs_generated_token()
+        };
+        assert!(!needs("127.0.0.1:9090", None));
+        assert!(!needs("127.0.0.2:9090", None));
+        assert!(!needs("[::1]:9090", None));
+        assert!(!needs("[::ffff:127.0.0.1]:9090", None));
+        assert!(needs("0.0.0.0:9090", None));
+        assert!(needs("[::]:9090", Some("")));
+        assert!(needs("192.0.2.1:9090", None));
+        assert!(!needs("0.0.0.0:9090", Some("s3cret")));
         let (a, b) = (generate_token().unwrap(), generate_token().unwrap());
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));

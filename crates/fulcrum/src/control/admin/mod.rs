@@ -1,7 +1,9 @@
 //! The admin listener: REST API over the pools (JSON in and out), reload, events.
 //! Loopback by default and safe by default: every call passes the checks of `auth.rs` (its
 //! `Host` names the admin, it is not cross-site, a write's body is JSON, the bearer token when
-//! there is one); the listener bounds its connections, their header read time and idle time.
+//! there is one: configured, read from `token_file` and re-read when it changes, or generated
+//! at start off loopback); the listener bounds its connections, their header read time and
+//! idle time, and speaks TLS with `[admin] tls` (the listeners' `listener/tls.rs`).
 
 mod auth;
 
@@ -25,10 +27,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::control::api;
+use crate::listener::tls::{CertStore, ListenerTlsError, TlsListener, WATCH_INTERVAL};
 use crate::pool::{PoolError, PoolHandle};
 use crate::server::Server;
 
@@ -297,6 +300,9 @@ pub enum AdminError {
     /// No token could be generated for a public admin address.
     #[error("cannot generate a token for the admin API: {0}")]
     Token(std::io::Error),
+    /// Its TLS certificate cannot be loaded or used.
+    #[error("admin API TLS: {0}")]
+    Tls(#[from] ListenerTlsError),
 }
 
 /// The admin listener's limits (`[admin]`, read at start).
@@ -310,12 +316,32 @@ struct Limits {
 /// Binds the admin listener; serving runs in a background task until `stop` turns true.
 ///
 /// Listening off loopback without a token, it generates one and prints it once on stderr.
+/// With `[admin] tls`, it speaks HTTPS (HTTP/1.1 by ALPN) and reloads the certificate when
+/// its files change. With `token_file`, the file is watched: a new token applies within a
+/// second.
 pub async fn start(
     server: Arc<Server>,
     stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, AdminError> {
     let admin = server.admin_config();
     let listen = admin.listen.get_ref().0;
+    let tls = match &admin.tls {
+        Some(tls) => {
+            let config = tls.get_ref().listener_config(admin.header_read_timeout.0);
+            let store = CertStore::load(&config)?;
+            let alpn = vec![b"http/1.1".to_vec()];
+            let tls = TlsListener::with_alpn(
+                "admin",
+                &config,
+                store,
+                Some(server.events().clone()),
+                alpn,
+            )?;
+            tokio::spawn(tls.clone().watch_files(stop.clone()));
+            Some(tls)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|error| AdminError::Listen {
@@ -323,31 +349,87 @@ pub async fn start(
             error,
         })?;
     let address = listener.local_addr().map_err(AdminError::LocalAddr)?;
-    let generated_token = if auth::needs_generated_token(listen, admin.token.as_deref()) {
+    let generated_token = if admin.needs_generated_token() {
         let token = auth::generate_token().map_err(AdminError::Token)?;
-        eprintln!(
-            "admin API on {address} has no [admin] token: generated one for this run: {token}"
-        );
-        tracing::warn!(%address, "admin API listens off loopback without a token: generated one (printed on stderr)");
+        eprintln!("admin token (generated, not saved): {token}");
+        tracing::warn!(%address, "admin API listens off loopback without [admin] token or token_file: generated a token for this run, printed once on stderr (\"admin token (generated, not saved): ...\")");
         Some(token)
     } else {
         None
     };
+    tokio::spawn(watch_token_file(server.clone(), stop.clone()));
     let limits = Limits {
         max_connections: admin.max_connections.max(1),
         header_read_timeout: admin.header_read_timeout.0,
         idle_timeout: admin.idle_timeout.0,
     };
     let app = router(server, generated_token);
-    tokio::spawn(serve(listener, app, limits, stop));
+    tokio::spawn(serve(listener, app, tls, limits, stop));
     Ok(address)
 }
 
+/// Re-reads `[admin] token_file` (when the configuration in force has one) when it changes
+/// (its modification time or length, checked every [`WATCH_INTERVAL`]) until `stop` turns
+/// true: the new token is in force from then on. A file that cannot be read or is empty keeps the old token (logged, recorded as an
+/// event). A reload re-reads the file itself; requests never touch the file system.
+async fn watch_token_file(server: Arc<Server>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(WATCH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let current = server.admin_config();
+        if current.token_file.is_none() {
+            continue; // None now; a reload may set one.
+        }
+        let seen = current.clone();
+        // File system calls block: keep them off the async workers.
+        let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || seen.reread_token_file()).await
+        else {
+            continue;
+        };
+        let (new, error) = match outcome {
+            Ok(new) => (new, None),
+            Err((new, error)) => (new, Some(error)),
+        };
+        if !server.replace_admin_config(&current, new) {
+            continue; // A reload came first and read the file itself.
+        }
+        match error {
+            None => {
+                tracing::info!("admin token file changed: the new token is in force");
+                server.events().record(
+                    "admin_token_reload",
+                    None,
+                    None,
+                    "admin token file changed; the new token is in force".to_string(),
+                );
+            }
+            Some(error) => {
+                tracing::error!(%error, "admin token file changed but cannot be used; the previous token stays in force");
+                server.events().record(
+                    "admin_token_reload_failed",
+                    None,
+                    None,
+                    format!("{error}; the previous admin token stays in force"),
+                );
+            }
+        }
+    }
+}
+
 /// Accepts admin connections until `stop` turns true: at most `max_connections` at once (more
-/// are closed at accept), each served with hyper's header read timeout and closed when idle.
+/// are closed at accept), each served (after its TLS handshake, with `tls`) with hyper's
+/// header read timeout and closed when idle.
 async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<Arc<TlsListener>>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -379,59 +461,85 @@ async fn serve(
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        tokio::spawn(serve_connection(
-            stream,
+        let connection = Connection {
             local,
-            builder.clone(),
-            app.clone(),
-            limits.idle_timeout,
-            stop.clone(),
-            slot,
-        ));
+            builder: builder.clone(),
+            app: app.clone(),
+            idle_timeout: limits.idle_timeout,
+            stop: stop.clone(),
+            _slot: slot,
+        };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => connection.serve(stream).await,
+                Some(tls) => {
+                    if let Some(stream) = tls.handshake(stream, client).await {
+                        connection.serve(stream).await;
+                    }
+                }
+            }
+        });
     }
+}
+
+/// One accepted admin connection and what serving it needs.
+#[derive(Debug)]
+struct Connection {
+    local: SocketAddr,
+    builder: Arc<http1::Builder>,
+    app: Router,
+    idle_timeout: Duration,
+    stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Largest request head the admin reads.
 const MAX_BUF: usize = 64 * 1024;
 
-/// Serves one admin connection: closed after `idle_timeout` without a byte read or written;
-/// at shutdown, its request in flight finishes first (for a few seconds at most).
-async fn serve_connection(
-    stream: TcpStream,
-    local: SocketAddr,
-    builder: Arc<http1::Builder>,
-    app: Router,
-    idle_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
-) {
-    let activity = Arc::new(Activity::new());
-    let io = Tracked {
-        stream,
-        activity: activity.clone(),
-    };
-    let service = TowerToHyperService::new(app);
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        request.extensions_mut().insert(auth::LocalAddr(local));
-        hyper::service::Service::call(&service, request)
-    });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    loop {
-        let deadline = activity.last() + idle_timeout;
-        tokio::select! {
-            _ = connection.as_mut() => return,
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                if activity.last() + idle_timeout <= Instant::now() {
-                    tracing::debug!(?idle_timeout, "admin API: idle connection closed");
-                    return;
+impl Connection {
+    /// Serves the connection: closed after `idle_timeout` without a byte read or written; at
+    /// shutdown, its request in flight finishes first (for a few seconds at most).
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            local,
+            builder,
+            app,
+            idle_timeout,
+            mut stop,
+            _slot,
+        } = self;
+        let activity = Arc::new(Activity::new());
+        let io = Tracked {
+            stream,
+            activity: activity.clone(),
+        };
+        let service = TowerToHyperService::new(app);
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(auth::LocalAddr(local));
+            hyper::service::Service::call(&service, request)
+        });
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        loop {
+            let deadline = activity.last() + idle_timeout;
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if activity.last() + idle_timeout <= Instant::now() {
+                        tracing::debug!(?idle_timeout, "admin API: idle connection closed");
+                        return;
+                    }
                 }
+                _ = stop.changed() => break,
             }
-            _ = stop.changed() => break,
         }
+        connection.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
     }
-    connection.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
 }
 
 /// When a connection last read or wrote a byte.
@@ -460,14 +568,14 @@ impl Activity {
     }
 }
 
-/// A TCP stream that notes each read or write in its [`Activity`].
+/// A stream (TCP, or TLS over TCP) that notes each read or write in its [`Activity`].
 #[derive(Debug)]
-struct Tracked {
-    stream: TcpStream,
+struct Tracked<S> {
+    stream: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -483,7 +591,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
