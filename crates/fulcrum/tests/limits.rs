@@ -488,5 +488,9 @@ async fn max_uri_bytes_is_exact_to_the_byte_over_http1_and_http2() {
     );
     assert_eq!(h2_get(&mut h2, lb.addr, "/", 0).await.0, 200);
     assert_eq!(refused_requests(&lb, 414).await, 3.0);
-    assert!(lb.logs().contains("request target too long"), "{}", lb.logs());
+    assert!(
+        lb.logs().contains("request target too long"),
+        "{}",
+        lb.logs()
+    );
 }
