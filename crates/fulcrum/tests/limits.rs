@@ -1,7 +1,8 @@
 //! End to end: the process's open file limit (raised at start to the hard limit, with a warning
 //! when it cannot hold the listeners' `max_connections`) and the limits on HTTP/2 client
-//! connections (idle and handshake timeouts, concurrent streams). Real `fulcrum` processes on
-//! 127.0.0.1, raw client sockets.
+//! connections (idle and handshake timeouts, concurrent streams), and the request head limits
+//! `max_header_count` (431) and `max_uri_bytes` (414), exact over HTTP/1.1 and HTTP/2. Real
+//! `fulcrum` processes on 127.0.0.1, raw client sockets.
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener. Real `fulcrum`
-//! processes; raw client sockets bound to 127.0.0.1 and 127.0.0.2.
+//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener, and
+//! `requests_per_ip` (429 with `Retry-After`). Real `fulcrum` processes; raw client sockets
+//! bound to 127.0.0.1 and 127.0.0.2, or presenting other client IPs in PROXY v1 headers.
 
 mod common;
 
@@ -319,4 +320,44 @@ async fn h2_status(
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_string());
     (response.status().as_u16(), retry)
+}
+
+#[tokio::test]
+async fn requests_per_ip_is_one_bucket_across_connections_and_workers() {
+    let backend = backend("app", 0);
+    let text = rate_config(backend.addr).replace("burst = 3", "burst = 10");
+    let lb = balancer_with(&text, 1);
+    let addr = lb.listeners["front"];
+    // 20 connections from one client IP, spread by the kernel over the 2 workers.
+    let started = std::time::Instant::now();
+    let mut connections = Vec::new();
+    for _ in 0..20 {
+        connections.push(connect_as("198.51.100.7", addr).await);
+    }
+    let answers = futures_util::future::join_all(connections.iter_mut().map(get)).await;
+    let elapsed = started.elapsed();
+    let passed = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 429"))
+        .count();
+    assert_eq!(passed + limited, 20, "{answers:?}");
+    // Exactly the burst, plus one token per whole second the test took (rate = 1).
+    let refilled = elapsed.as_secs() as usize;
+    assert!(
+        (10..=10 + refilled).contains(&passed),
+        "{passed} passed in {elapsed:?}"
+    );
+    // With more than one worker, both served some of them (all 20 on one: odds 2^-19).
+    let metrics = metrics_text(&lb).await;
+    let by_worker: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fulcrum_worker_connections_accepted_total{"))
+        .filter(|l| l.contains("listener=\"front\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(by_worker.iter().all(|&n| n > 0.0), "{by_worker:?}");
 }
