@@ -13,7 +13,7 @@
 //! ([`RequestLimits::head_refused`]), with the 414 for a target over hyper's own 65534 bytes.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -227,7 +227,45 @@ const SHARDS: usize = 64;
 /// One shard on its own cache line, so workers locking neighbouring shards do not contend.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Shard(Mutex<HashMap<IpAddr, u64>>);
+struct Shard(Mutex<Buckets>);
+
+/// A shard's buckets: each client's theoretical arrival time, by key.
+type Buckets = HashMap<Key, u64, BuildHasherDefault<Prehashed>>;
+
+/// A client's bucket key with its hash, computed once (keyed SipHash) for both the shard and
+/// the shard's map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    hash: u64,
+    ip: IpAddr,
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Passes [`Key::hash`] through to the map.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; anything else still hashes, just not as well.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// `requests_per_ip`: a token bucket per client IP, `burst` deep and refilled at `rate` a
 /// second, shared by a listener's workers.
@@ -241,8 +279,8 @@ struct Shard(Mutex<HashMap<IpAddr, u64>>);
 /// Memory: at most `max_clients` IPs are tracked (split evenly over the shards; IPv6 per /64,
 /// so one host rotating through its addresses is one client). A new IP finding its shard
 /// full first removes the shard's full buckets (idle clients: nothing is lost); if none is
-/// full, the bucket nearest to full is evicted — its client gets a fresh bucket, the smallest
-/// gift possible — while clients that are being limited keep theirs.
+/// full, the eighth of the buckets nearest to full is evicted — their clients get fresh
+/// buckets, the smallest gift possible — while the clients most limited keep theirs.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: u64,
@@ -279,8 +317,11 @@ impl RateLimiter {
     /// Takes a token for a request from `ip` at `now` (nanoseconds, [`now_ns`]): `Ok`, or
     /// `Err` with the nanoseconds until one is available.
     pub fn check(&self, ip: IpAddr, now: u64) -> Result<(), u64> {
-        let key = client_key(ip);
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let ip = client_key(ip);
+        let hash = self.hasher.hash_one(ip);
+        let key = Key { hash, ip };
+        // Bits the map does not use for its slot (the low ones) or its tags (the top 7).
+        let shard = &self.shards[((hash >> 32) as usize) % SHARDS];
         let mut map = shard.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tat) = map.get_mut(&key) {
             let next = (*tat).max(now) + self.interval;
@@ -299,24 +340,30 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Frees at least one place in a full shard (see the type's comment).
+    /// Frees at least one place in a full shard (see the type's comment): the full buckets,
+    /// or else the eighth of them nearest to full (at least one), so that a flood of new
+    /// clients scans a shard once per eighth of it rather than once per client.
     #[cold]
-    fn make_room(&self, map: &mut HashMap<IpAddr, u64>, now: u64) {
-        let mut nearest: Option<(IpAddr, u64)> = None;
-        map.retain(|ip, tat| {
-            if *tat <= now {
+    fn make_room(&self, map: &mut Buckets, now: u64) {
+        map.retain(|_, tat| *tat > now);
+        if map.len() < self.per_shard {
+            return;
+        }
+        let mut tats: Vec<u64> = map.values().copied().collect();
+        let evict = (tats.len() / 8).max(1);
+        let (_, &mut cut, _) = tats.select_nth_unstable(evict - 1);
+        // Every bucket below the cut goes, and as many at it as make up the number.
+        let mut ties = evict - tats.iter().filter(|&&t| t < cut).count();
+        map.retain(|_, tat| {
+            if *tat < cut {
                 return false;
             }
-            if nearest.is_none_or(|(_, t)| *tat < t) {
-                nearest = Some((*ip, *tat));
+            if *tat == cut && ties > 0 {
+                ties -= 1;
+                return false;
             }
             true
         });
-        if map.len() >= self.per_shard {
-            if let Some((ip, _)) = nearest {
-                map.remove(&ip);
-            }
-        }
     }
 
     /// Client IPs tracked now.
@@ -428,7 +475,8 @@ mod tests {
     fn a_full_shard_evicts_the_bucket_nearest_to_full_not_the_limited_client() {
         // Two places per shard.
         let limiter = limiter(1, 1, 2 * SHARDS as u64);
-        let shard = |ip: IpAddr| (limiter.hasher.hash_one(client_key(ip)) as usize) % SHARDS;
+        let shard =
+            |ip: IpAddr| ((limiter.hasher.hash_one(client_key(ip)) >> 32) as usize) % SHARDS;
         let mut same = (1..u32::MAX)
             .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n)))
             .filter(|ip| shard(*ip) == shard(A));
@@ -445,6 +493,41 @@ mod tests {
         // A is still limited; `near_full` was forgotten (a fresh bucket).
         assert!(limiter.check(A, t0).is_err());
         assert!(limiter.check(near_full, t0).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_new_clients_evicts_an_eighth_of_a_full_shard_at_a_time() {
+        // 16 places per shard, filled with limited buckets of increasing fullness.
+        let limiter = limiter(1, 100, 16 * SHARDS as u64);
+        let shard =
+            |ip: IpAddr| ((limiter.hasher.hash_one(client_key(ip)) >> 32) as usize) % SHARDS;
+        let target = shard(A);
+        let same: Vec<IpAddr> = (1..u32::MAX)
+            .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n)))
+            .filter(|ip| shard(*ip) == target)
+            .take(18)
+            .collect();
+        let t0 = 1000 * SECOND;
+        for (n, ip) in same[..16].iter().enumerate() {
+            // Client n spends n + 1 tokens: the first ones are the nearest to full.
+            for _ in 0..=n {
+                assert!(limiter.check(*ip, t0).is_ok());
+            }
+        }
+        assert_eq!(limiter.clients(), 16);
+        // A newcomer evicts two (16 / 8): the two nearest to full.
+        assert!(limiter.check(same[16], t0).is_ok());
+        assert_eq!(limiter.clients(), 15);
+        let tracked = |ip: &IpAddr| {
+            let map = limiter.shards[target].0.lock().unwrap();
+            let hash = limiter.hasher.hash_one(*ip);
+            map.contains_key(&Key { hash, ip: *ip })
+        };
+        assert!(!tracked(&same[0]) && !tracked(&same[1]));
+        assert!(same[2..17].iter().all(tracked));
+        // The next newcomer fits without a sweep.
+        assert!(limiter.check(same[17], t0).is_ok());
+        assert_eq!(limiter.clients(), 16);
     }
 
     #[test]
