@@ -1,7 +1,8 @@
 //! End to end: the process's open file limit (raised at start to the hard limit, with a warning
 //! when it cannot hold the listeners' `max_connections`) and the limits on HTTP/2 client
-//! connections (idle and handshake timeouts, concurrent streams). Real `fulcrum` processes on
-//! 127.0.0.1, raw client sockets.
+//! connections (idle and handshake timeouts, concurrent streams), and the request head limits
+//! `max_header_count` (431) and `max_uri_bytes` (414), exact over HTTP/1.1 and HTTP/2. Real
+//! `fulcrum` processes on 127.0.0.1, raw client sockets.
 
 mod common;
 
@@ -334,4 +335,163 @@ async fn an_http2_websocket_keeps_its_connection_past_keep_alive_timeout() {
         .unwrap();
     let idle = closed_at - tunnel_closed;
     assert!(idle < Duration::from_secs(4), "{idle:?}");
+}
+
+/// Sends raw `request` on a new connection and reads the answer until the server closes the
+/// connection (within 5 s).
+async fn answer_then_close(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection was not closed within 5 s")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends raw `request` on a new connection and reads one keep-alive response.
+async fn answer_kept_alive(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// An HTTP/1.1 GET of `target` with `lines` header lines (`Host` and `x-N: v`).
+fn get_with(target: &str, lines: usize) -> Vec<u8> {
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: limits\r\n");
+    for n in 1..lines {
+        request.push_str(&format!("x-{n}: v\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// A prior-knowledge HTTP/2 connection to `addr` (driven in the background).
+async fn h2_connect(
+    stream: tokio::net::TcpStream,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Sends an HTTP/2 GET of `path` with `headers` fields (`x-N: v`) and returns its status,
+/// headers and body.
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    authority: SocketAddr,
+    path: &str,
+    headers: usize,
+) -> (u16, http::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let mut request = http::Request::get(format!("http://{authority}{path}"));
+    for n in 0..headers {
+        request = request.header(format!("x-{n}"), "v");
+    }
+    let request = request.body(http_body_util::Empty::new()).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `fulcrum_requests_refused_total{listener="web",status=...}` now.
+async fn refused_requests(lb: &Proc, status: u16) -> f64 {
+    let text = metrics_text(lb).await;
+    let prefix = "fulcrum_requests_refused_total{";
+    text.lines()
+        .find(|l| {
+            l.starts_with(prefix)
+                && l.contains("listener=\"web\"")
+                && l.contains(&format!("status=\"{status}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}..status={status} in\n{text}"))
+}
+
+#[tokio::test]
+async fn max_header_count_is_exact_over_http1_and_http2() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr, "max_header_count = 50"), 1);
+    // HTTP/1.1: 50 lines pass, 51 get 431 and the connection closes.
+    let served = answer_kept_alive(lb.addr, &get_with("/", 50)).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = answer_then_close(lb.addr, &get_with("/", 51)).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    // HTTP/2: 50 fields pass, 51 get Fulcrum's 431 and the connection stays usable.
+    let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let mut h2 = h2_connect(stream).await;
+    assert_eq!(h2_get(&mut h2, lb.addr, "/", 50).await.0, 200);
+    let (status, _, body) = h2_get(&mut h2, lb.addr, "/", 51).await;
+    assert_eq!(status, 431);
+    assert_eq!(body, "431 request header fields too large\n");
+    assert_eq!(h2_get(&mut h2, lb.addr, "/", 0).await.0, 200);
+    assert_eq!(refused_requests(&lb, 431).await, 2.0);
+    // Logged once (both refusals came within a second), naming the limit.
+    assert!(lb.logs().contains("max_header_count"), "{}", lb.logs());
+}
+
+#[tokio::test]
+async fn the_default_header_count_refuses_the_101st_line() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&config(backend.addr, ""), 1);
+    // The backend (hyper) itself takes 100 lines: Fulcrum adds X-Forwarded-*, so 97 pass.
+    let served = answer_kept_alive(lb.addr, &get_with("/", 97)).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = answer_then_close(lb.addr, &get_with("/", 101)).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let mut h2 = h2_connect(stream).await;
+    assert_eq!(h2_get(&mut h2, lb.addr, "/", 101).await.0, 431);
+    assert_eq!(refused_requests(&lb, 431).await, 2.0);
+}
+
+#[tokio::test]
+async fn max_uri_bytes_is_exact_to_the_byte_over_http1_and_http2() {
+    let backend = backend("app", 0);
+    // The default, 8 KiB.
+    let lb = balancer_with(&config(backend.addr, ""), 1);
+    let target = |length: usize| format!("/{}", "a".repeat(length - 1));
+    let served = answer_kept_alive(lb.addr, &get_with(&target(8192), 1)).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = answer_then_close(lb.addr, &get_with(&target(8193), 1)).await;
+    assert!(refused.starts_with("HTTP/1.1 414"), "{refused}");
+    assert!(
+        refused.ends_with("414 URI too long: the request target is too long\n"),
+        "{refused}"
+    );
+    // The absolute form counts whole: scheme, authority and path.
+    let prefix = format!("http://{}", lb.addr);
+    let absolute = |length: usize| format!("{prefix}{}", target(length - prefix.len()));
+    let served = answer_kept_alive(lb.addr, &get_with(&absolute(8192), 1)).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = answer_then_close(lb.addr, &get_with(&absolute(8193), 1)).await;
+    assert!(refused.starts_with("HTTP/1.1 414"), "{refused}");
+    // HTTP/2: `:path`.
+    let stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let mut h2 = h2_connect(stream).await;
+    assert_eq!(h2_get(&mut h2, lb.addr, &target(8192), 0).await.0, 200);
+    let (status, _, body) = h2_get(&mut h2, lb.addr, &target(8193), 0).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (414, "414 URI too long: the request target is too long\n")
+    );
+    assert_eq!(h2_get(&mut h2, lb.addr, "/", 0).await.0, 200);
+    assert_eq!(refused_requests(&lb, 414).await, 3.0);
+    assert!(
+        lb.logs().contains("request target too long"),
+        "{}",
+        lb.logs()
+    );
 }

@@ -1,5 +1,6 @@
-//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener. Real `fulcrum`
-//! processes; raw client sockets bound to 127.0.0.1 and 127.0.0.2.
+//! End to end: `max_connections_per_ip` on an HTTP and a TCP listener, and
+//! `requests_per_ip` (429 with `Retry-After`). Real `fulcrum` processes; raw client sockets
+//! bound to 127.0.0.1 and 127.0.0.2, or presenting other client IPs in PROXY v1 headers.
 
 mod common;
 
@@ -203,4 +204,160 @@ async fn https_listener_limits_connections_per_ip_before_the_handshake() {
         1.0
     );
     drop((first, other));
+}
+
+/// Config with an HTTP listener `front` behind a front balancer (PROXY protocol) with
+/// `requests_per_ip = { rate = 1, burst = 3 }`.
+fn rate_config(backend: SocketAddr) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listeners.front]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"app\"\n\
+         accept_proxy_protocol = true\nrequests_per_ip = {{ rate = 1, burst = 3 }}\n\n\
+         [pools.app]\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// A connection to `addr` presenting `client` as its source in a PROXY v1 header.
+async fn connect_as(client: &str, addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let source = SocketAddr::new(client.parse().unwrap(), 40000);
+    stream
+        .write_all(fulcrum::wire::proxy_protocol::encode_v1(source, addr).as_bytes())
+        .await
+        .unwrap();
+    stream
+}
+
+/// One keep-alive GET on `stream`: the response's text.
+async fn get(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: rate\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(stream).await
+}
+
+/// The `Retry-After` of a response's text, in seconds.
+fn retry_after(response: &str) -> u64 {
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .unwrap_or_else(|| panic!("no Retry-After in {response}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_per_ip_answers_429_with_retry_after_per_client_ip() {
+    let backend = backend("app", 0);
+    let lb = balancer_with(&rate_config(backend.addr), 1);
+    let addr = lb.listeners["front"];
+    let mut first = connect_as("203.0.113.1", addr).await;
+    // The burst passes, the next request gets 429 on the same, kept-alive, connection.
+    for _ in 0..3 {
+        let response = get(&mut first).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    let limited = get(&mut first).await;
+    assert!(limited.starts_with("HTTP/1.1 429"), "{limited}");
+    assert!(limited.ends_with("429 too many requests\n"), "{limited}");
+    assert!(!limited.contains("connection: close"), "{limited}");
+    let wait = retry_after(&limited);
+    assert!((1..=2).contains(&wait), "{limited}");
+    let limited_at = std::time::Instant::now();
+    // Another client IP (through the same front balancer) is served.
+    let mut second = connect_as("203.0.113.2", addr).await;
+    let response = get(&mut second).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // So is an HTTP/2 client from a third IP, limited alike.
+    let mut h2 = h2_as("203.0.113.3", addr).await;
+    for _ in 0..3 {
+        assert_eq!(h2_status(&mut h2, addr).await.0, 200);
+    }
+    let (status, retry) = h2_status(&mut h2, addr).await;
+    assert_eq!((status, retry.is_some()), (429, true), "{retry:?}");
+    assert_eq!(
+        front_metric(&lb, "fulcrum_requests_rate_limited_total").await,
+        2.0
+    );
+    // After Retry-After, the first client is served again, on its connection.
+    tokio::time::sleep(Duration::from_secs(wait).saturating_sub(limited_at.elapsed())).await;
+    let response = get(&mut first).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(lb.logs().contains("requests_per_ip"), "{}", lb.logs());
+}
+
+/// A prior-knowledge HTTP/2 connection to `addr` presenting `client` in a PROXY v1 header.
+async fn h2_as(
+    client: &str,
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = connect_as(client, addr).await;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// An HTTP/2 GET: its status and `Retry-After`.
+async fn h2_status(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    addr: SocketAddr,
+) -> (u16, Option<String>) {
+    let request = http::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (response.status().as_u16(), retry)
+}
+
+#[tokio::test]
+async fn requests_per_ip_is_one_bucket_across_connections_and_workers() {
+    let backend = backend("app", 0);
+    let text = rate_config(backend.addr).replace("burst = 3", "burst = 10");
+    let lb = balancer_with(&text, 1);
+    let addr = lb.listeners["front"];
+    // 20 connections from one client IP, spread by the kernel over the 2 workers.
+    let started = std::time::Instant::now();
+    let mut connections = Vec::new();
+    for _ in 0..20 {
+        connections.push(connect_as("198.51.100.7", addr).await);
+    }
+    let answers = futures_util::future::join_all(connections.iter_mut().map(get)).await;
+    let elapsed = started.elapsed();
+    let passed = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 429"))
+        .count();
+    assert_eq!(passed + limited, 20, "{answers:?}");
+    // Exactly the burst, plus one token per whole second the test took (rate = 1).
+    let refilled = elapsed.as_secs() as usize;
+    assert!(
+        (10..=10 + refilled).contains(&passed),
+        "{passed} passed in {elapsed:?}"
+    );
+    // With more than one worker, both served some of them (all 20 on one: odds 2^-19).
+    let metrics = metrics_text(&lb).await;
+    let by_worker: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fulcrum_worker_connections_accepted_total{"))
+        .filter(|l| l.contains("listener=\"front\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(by_worker.iter().all(|&n| n > 0.0), "{by_worker:?}");
 }

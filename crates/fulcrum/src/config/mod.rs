@@ -168,6 +168,18 @@ pub struct ListenerConfig {
     /// 413 (or, once the backend's response has begun, the connection closed).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// Most header lines in one request (HTTP/2: header fields, pseudo-headers not counted);
+    /// more gets 431. 100 by default, hyper's and HAProxy's (`tune.http.maxhdr` 101).
+    #[serde(default = "default_max_header_count")]
+    pub max_header_count: usize,
+    /// Longest request target (HTTP/1: as sent on the request line; HTTP/2: `:path`); longer
+    /// gets 414. 8 KiB by default, nginx's `large_client_header_buffers` size.
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: usize,
+    /// Requests per second of each client IP (a token bucket); over it a request gets 429
+    /// with `Retry-After`. Off unless set (see `default_max_connections_per_ip` for why).
+    #[serde(default)]
+    pub requests_per_ip: Option<RequestRateConfig>,
     /// Expect a PROXY protocol header (v1 or v2) from a front load balancer on every
     /// connection, and use the client address it carries (read within `header_read_timeout`).
     #[serde(default)]
@@ -265,6 +277,43 @@ fn default_max_body_bytes() -> u64 {
     // 100 MiB: far above nginx's 1 MiB, as a load balancer in front of upload endpoints
     // should be, yet bounded.
     100 * 1024 * 1024
+}
+fn default_max_header_count() -> usize {
+    // hyper's default (its parser's buffer on the stack; more would be allocated per request).
+    100
+}
+fn default_max_uri_bytes() -> usize {
+    // nginx's large_client_header_buffers size.
+    8 * 1024
+}
+
+/// `[listeners.NAME] requests_per_ip = { rate = 100, burst = 200 }`: a token bucket per client
+/// IP (the PROXY header's source when the listener accepts one, else the socket peer; IPv6
+/// per /64), `burst` tokens deep, refilled at `rate` a second.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRateConfig {
+    /// Requests per second, sustained.
+    pub rate: u64,
+    /// Requests that may come at once after a quiet spell; `rate` (one second's worth) when
+    /// not set.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Most client IPs tracked at once (memory stays below ~64 bytes each); see
+    /// `proxy/limits.rs` for what happens when they are all tracked.
+    #[serde(default = "default_rate_max_clients")]
+    pub max_clients: u64,
+}
+
+impl RequestRateConfig {
+    /// The bucket's depth: `burst`, or `rate` when not set.
+    pub fn burst(&self) -> u64 {
+        self.burst.unwrap_or(self.rate)
+    }
+}
+
+fn default_rate_max_clients() -> u64 {
+    65_536
 }
 fn default_max_header_bytes() -> usize {
     // 64 KiB: far above real browsers' heads (~1-8 KiB), small enough to bound memory per client.

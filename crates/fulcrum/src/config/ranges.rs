@@ -29,6 +29,15 @@ pub(super) const MAX_WORKERS: u64 = 1024;
 pub(super) const MAX_CONNECTIONS: u64 = 1_000_000;
 /// Smallest and largest `max_header_bytes` (hyper's minimum buffer is 8 KiB).
 pub(super) const HEADER_BYTES: (u64, u64) = (8192, 16 * 1024 * 1024);
+/// Most header lines per request (`max_header_count`).
+pub(super) const MAX_HEADER_COUNT: u64 = 10_000;
+/// Smallest and largest `max_uri_bytes` (hyper refuses request targets over 65534 bytes
+/// itself).
+pub(super) const URI_BYTES: (u64, u64) = (64, 65_534);
+/// Largest `requests_per_ip` rate and burst.
+pub(super) const MAX_REQUEST_RATE: u64 = 1_000_000;
+/// Smallest and largest `requests_per_ip.max_clients`.
+pub(super) const RATE_CLIENTS: (u64, u64) = (64, 16_777_216);
 /// Largest `max_body_bytes`: TOML's largest integer (2^63-1), in effect unlimited.
 pub(super) const MAX_BODY_BYTES: u64 = i64::MAX as u64;
 /// Most concurrent HTTP/2 streams per client connection.
@@ -240,6 +249,32 @@ impl Checker<'_> {
                 MAX_BODY_BYTES,
                 "",
             )?;
+            self.count(
+                &key("max_header_count"),
+                listener.max_header_count,
+                1,
+                MAX_HEADER_COUNT,
+                "",
+            )?;
+            self.count(
+                &key("max_uri_bytes"),
+                listener.max_uri_bytes,
+                URI_BYTES.0,
+                URI_BYTES.1,
+                "",
+            )?;
+            if let Some(rate) = &listener.requests_per_ip {
+                let at = |k: &'static str| ["listeners", name.as_str(), "requests_per_ip", k];
+                self.count(&at("rate"), rate.rate, 1, MAX_REQUEST_RATE, "")?;
+                self.count(&at("burst"), rate.burst(), 1, MAX_REQUEST_RATE, "")?;
+                self.count(
+                    &at("max_clients"),
+                    rate.max_clients,
+                    RATE_CLIENTS.0,
+                    RATE_CLIENTS.1,
+                    "",
+                )?;
+            }
             let timeouts = [
                 ("header_read_timeout", listener.header_read_timeout, MS, DAY),
                 ("keep_alive_timeout", listener.keep_alive_timeout, MS, DAY),
@@ -608,6 +643,26 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 2 }]
             (
                 "h2_max_send_buffer = 0",
                 "`listeners.web.h2_max_send_buffer` must be between 1024 and 16777216, not 0",
+            ),
+            (
+                "max_header_count = 0",
+                "`listeners.web.max_header_count` must be between 1 and 10000, not 0",
+            ),
+            (
+                "max_uri_bytes = 65535",
+                "`listeners.web.max_uri_bytes` must be between 64 and 65534, not 65535",
+            ),
+            (
+                "requests_per_ip = { rate = 0 }",
+                "`listeners.web.requests_per_ip.rate` must be between 1 and 1000000, not 0",
+            ),
+            (
+                "requests_per_ip = { rate = 10, burst = 2000000 }",
+                "`listeners.web.requests_per_ip.burst` must be between 1 and 1000000, not 2000000",
+            ),
+            (
+                "requests_per_ip = { rate = 10, max_clients = 10 }",
+                "`listeners.web.requests_per_ip.max_clients` must be between 64 and 16777216, not 10",
             ),
         ] {
             let text = BASE.replace("pool = \"app\"\n", &format!("pool = \"app\"\n{extra}\n"));

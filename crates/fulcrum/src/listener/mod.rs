@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::http::HttpProxy;
+use crate::proxy::limits::RefusedRequests;
 use crate::runtime::workers::Workers;
 use per_ip::{IpSlot, PerIpLimit};
 use tls::TlsListener;
@@ -75,6 +76,9 @@ pub struct ListenerStats {
     pub accepted_by_worker: Box<[AtomicU64]>,
     /// Idle client connections parked in the listener's parking lots now (Linux).
     pub parked: Arc<AtomicU64>,
+    /// Requests refused by `max_header_count`, `max_header_bytes`, `max_uri_bytes` and
+    /// `requests_per_ip` (counted by the listener's proxy).
+    pub refused_requests: Arc<RefusedRequests>,
 }
 
 impl ListenerStats {
@@ -159,7 +163,10 @@ pub(crate) fn start_listener(
         tcp: config.protocol == ListenerProtocol::Tcp,
     };
     let (stop, stopped) = watch::channel(false);
-    let stats = Arc::new(ListenerStats::new(workers.sockets_per_listener()));
+    let stats = Arc::new(ListenerStats {
+        refused_requests: proxy.refused_requests(),
+        ..ListenerStats::new(workers.sockets_per_listener())
+    });
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch_files(stopped.clone()));
     }
@@ -316,6 +323,9 @@ fn http_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(config.header_read_timeout.0)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
+    if let Some(count) = park::max_headers(config.max_header_count) {
+        builder.http1().max_headers(count);
+    }
     builder
         .http2()
         .enable_connect_protocol() // WebSockets over HTTP/2 (RFC 8441), see proxy/upgrade.rs

@@ -64,6 +64,17 @@ const DRAIN_FIRST_BYTES: Duration = Duration::from_secs(1);
 /// The shortest park tick, whatever the config says.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
+/// hyper's default number of header lines its HTTP/1 parser takes (on the stack).
+const HYPER_MAX_HEADERS: usize = 100;
+
+/// The `max_headers` to set on an HTTP/1 builder for `max_header_count` (hyper's parser then
+/// answers 431, and closes, for a head with more lines, exactly); `None` when it is hyper's
+/// default: setting any value makes hyper size its parse buffers at run time, and above 100
+/// allocate them per request.
+pub(crate) fn max_headers(count: usize) -> Option<usize> {
+    (count != HYPER_MAX_HEADERS).then_some(count)
+}
+
 /// How one listener serves its plain-TCP HTTP connections.
 pub(crate) struct ParkSettings {
     http1: http1::Builder,
@@ -94,6 +105,9 @@ impl ParkSettings {
             // Exact: a complete head one byte over is 431 too, however few reads it took.
             .max_header_size(config.max_header_bytes)
             .keep_alive(true);
+        if let Some(count) = max_headers(config.max_header_count) {
+            http1.max_headers(count);
+        }
         let header_read_timeout = config.header_read_timeout.0;
         // hyper's header timer also runs between requests: park (at most two ticks after the
         // last traffic) before it closes the connection.
@@ -473,6 +487,9 @@ async fn serve_round<S: ParkStream>(
         }
     };
     if let Err(error) = result {
+        ctx.proxy
+            .limits
+            .head_refused(&error, ctx.client, &ctx.proxy.listener);
         tracing::debug!(client = %ctx.client, %error, "client connection ended with an error");
         return None;
     }

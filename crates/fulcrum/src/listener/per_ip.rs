@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+
+use crate::runtime::clock::OncePerSecond;
 
 /// Shards of the map, so workers accepting at once rarely contend on one lock.
 const SHARDS: usize = 16;
@@ -19,10 +19,8 @@ pub struct PerIpLimit {
     max: u32,
     shards: [Mutex<HashMap<IpAddr, u32>>; SHARDS],
     hasher: std::collections::hash_map::RandomState,
-    /// When this limit was made; `last_log` counts seconds from it.
-    start: Instant,
-    /// The second (since `start`, plus one) of the last refusal logged; 0 before the first.
-    last_log: AtomicU64,
+    /// Refusals are logged at most once a second.
+    log: OncePerSecond,
 }
 
 impl PerIpLimit {
@@ -32,8 +30,7 @@ impl PerIpLimit {
             max: u32::try_from(max.max(1)).unwrap_or(u32::MAX),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             hasher: std::collections::hash_map::RandomState::new(),
-            start: Instant::now(),
-            last_log: AtomicU64::new(0),
+            log: OncePerSecond::default(),
         }
     }
 
@@ -82,13 +79,7 @@ impl PerIpLimit {
     /// Whether a refusal may be logged now: at most once per second per listener, so a host
     /// hammering the limit cannot flood the log (the refusals are all counted).
     pub fn should_log(&self) -> bool {
-        let now = self.start.elapsed().as_secs() + 1;
-        let last = self.last_log.load(Ordering::Relaxed);
-        last != now
-            && self
-                .last_log
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        self.log.ready()
     }
 
     /// The limit per IP.

@@ -20,6 +20,7 @@ use crate::proxy::attempt::{http_key_hash, Attempts};
 use crate::proxy::body::{ProxyBody, UpstreamBody};
 use crate::proxy::error::{Blame, Failure, Kind, Origin, Retry};
 use crate::proxy::headers::{add_forwarded, has_hop_by_hop, remove_hop_by_hop, valid_host};
+use crate::proxy::limits::{RefusedRequests, RequestLimits};
 use crate::proxy::upgrade::Offer;
 use crate::runtime::clock::now_ns;
 use crate::runtime::events::EventLog;
@@ -42,6 +43,8 @@ pub struct HttpProxy {
     pub(crate) allowed_upgrades: Box<[String]>,
     /// Largest request body forwarded (the listener's `max_body_bytes`); larger gets 413.
     pub(crate) max_body_bytes: u64,
+    /// Header count, target length and request rate per client IP.
+    pub(crate) limits: RequestLimits,
 }
 
 impl HttpProxy {
@@ -56,7 +59,20 @@ impl HttpProxy {
             scheme: "http",
             allowed_upgrades: Box::new(["websocket".to_string()]),
             max_body_bytes: u64::MAX,
+            limits: RequestLimits::default(),
         }
+    }
+
+    /// Sets the listener's per-request limits (`max_header_count`, `max_uri_bytes`,
+    /// `requests_per_ip`).
+    pub fn with_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Counters of the requests this listener's limits refused.
+    pub fn refused_requests(&self) -> Arc<RefusedRequests> {
+        self.limits.refused()
     }
 
     /// Sets the largest request body forwarded (the listener's `max_body_bytes`): a larger
@@ -115,6 +131,8 @@ impl HttpProxy {
             .access_log
             .then(|| AccessRecord::start(&request, client, started));
         let version = request.version();
+        // Over the header count, the target length or the client's request rate.
+        let limited = self.limits.check(&request, client, &self.listener);
         // A known length (Content-Length) over the limit: one comparison; nothing picked,
         // dialled or forwarded.
         let too_long = request
@@ -122,7 +140,7 @@ impl HttpProxy {
             .size_hint()
             .upper()
             .is_some_and(|length| length > self.max_body_bytes);
-        let offer = if too_long {
+        let offer = if too_long || limited.is_some() {
             None
         } else if crate::proxy::upgrade::is_upgrade(&request) {
             Some(self.upgrade_offer(&mut request))
@@ -130,7 +148,10 @@ impl HttpProxy {
             Some(Offer::Plain)
         };
         let mut response = match offer {
-            None => too_large(version),
+            None => match limited {
+                Some(refusal) => refusal.response(version),
+                None => too_large(version),
+            },
             // Boxed: upgrades are rare and their state (dedicated connection, handshake) is
             // large; inline it would be reserved in every request's future.
             Some(Offer::Tunnel(upgrade)) => {

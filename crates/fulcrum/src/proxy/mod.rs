@@ -9,6 +9,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod limits;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod tcp;

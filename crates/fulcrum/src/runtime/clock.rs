@@ -17,3 +17,38 @@ pub fn now_ns() -> u64 {
 pub fn instant_at(ns: u64) -> Instant {
     origin() + std::time::Duration::from_nanos(ns.saturating_sub(1))
 }
+
+/// Says yes at most once per second of [`now_ns`], across threads: for the log line of a
+/// refusal that a flood would repeat (the refusals themselves are all counted elsewhere).
+#[derive(Debug, Default)]
+pub struct OncePerSecond {
+    /// The second (of `now_ns`, plus one) of the last yes; 0 before the first.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl OncePerSecond {
+    /// Whether to log now: true at most once per second.
+    pub fn ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_ns() / 1_000_000_000 + 1;
+        let last = self.last.load(Relaxed);
+        last != now
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn once_per_second_says_yes_once() {
+        let gate = OncePerSecond::default();
+        assert!(gate.ready());
+        assert!(!gate.ready());
+        assert!(!gate.ready());
+    }
+}

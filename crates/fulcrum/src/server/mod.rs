@@ -18,6 +18,7 @@ pub use crate::listener::{BoundListener, ListenerStats};
 use crate::manager::PoolManager;
 use crate::pool::{Pool, PoolHandle};
 use crate::proxy::http::HttpProxy;
+use crate::proxy::limits::RequestLimits;
 use crate::runtime::events::EventLog;
 use crate::runtime::workers::Workers;
 
@@ -307,7 +308,8 @@ impl Server {
             let proxy = HttpProxy::new(&name, pool, self.events.clone(), config.server.access_log)
                 .with_tls(tls.is_some())
                 .with_allowed_upgrades(&listener_config.allowed_upgrades)
-                .with_max_body_bytes(listener_config.max_body_bytes);
+                .with_max_body_bytes(listener_config.max_body_bytes)
+                .with_limits(RequestLimits::new(&listener_config));
             let task = start_listener(
                 &self.workers,
                 &name,

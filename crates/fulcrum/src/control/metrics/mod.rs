@@ -273,6 +273,27 @@ impl Collector for ServerCollector {
                 )
             })
             .collect();
+        let refused_requests: Vec<_> = listeners
+            .iter()
+            .flat_map(|(n, s)| {
+                let counts = &s.refused_requests;
+                [("431", &counts.headers), ("414", &counts.uri)].map(|(status, count)| {
+                    (
+                        vec![("listener", n.clone()), ("status", status.to_string())],
+                        count.load(Ordering::Relaxed),
+                    )
+                })
+            })
+            .collect();
+        let rate_limited: Vec<_> = listeners
+            .iter()
+            .map(|(n, s)| {
+                (
+                    vec![("listener", n.clone())],
+                    s.refused_requests.rate_limited.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
         gauge(
             &mut encoder,
             "fulcrum_client_connections_open",
@@ -310,6 +331,18 @@ impl Collector for ServerCollector {
             "fulcrum_client_connections_refused_per_ip",
             "Client connections refused at the limit per client IP (max_connections_per_ip).",
             &refused_per_ip,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_requests_refused",
+            "Requests refused for their head, by listener and status: 431 (max_header_count, max_header_bytes), 414 (max_uri_bytes).",
+            &refused_requests,
+        )?;
+        counter(
+            &mut encoder,
+            "fulcrum_requests_rate_limited",
+            "Requests answered 429 at the limit per client IP (requests_per_ip).",
+            &rate_limited,
         )?;
         let reloads = vec![
             (
