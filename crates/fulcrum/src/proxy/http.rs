@@ -229,7 +229,14 @@ impl HttpProxy {
             };
             match self.exchange(snapshot, backend, connection, request).await {
                 Exchange::Answered(response) => return response,
-                Exchange::Unsent(unsent) => request = unsent,
+                Exchange::Unsent(unsent, why) => {
+                    request = unsent;
+                    // A backend that closed (or answered garbage before) a new connection
+                    // failed, it was not unavailable: 502 if no other backend answers.
+                    if why.kind == Kind::Closed {
+                        failure = Some(why);
+                    }
+                }
                 Exchange::Failed(failed) => match &replay {
                     Some(head)
                         if failed.retry() == Retry::IfReplayable
@@ -347,7 +354,7 @@ impl HttpProxy {
                     &error,
                     "trying another backend",
                 );
-                return Exchange::Unsent(unsent);
+                return Exchange::Unsent(unsent, Failure::closed());
             }
             // A keep-alive connection the backend had just closed: once more on a fresh one.
             tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
@@ -365,7 +372,7 @@ impl HttpProxy {
                         &connect_error,
                         "trying another backend",
                     );
-                    return Exchange::Unsent(unsent);
+                    return Exchange::Unsent(unsent, failure);
                 }
             }
         }
@@ -413,8 +420,9 @@ fn is_client_body_error(error: &hyper::Error) -> bool {
 enum Exchange {
     /// The backend's response for the client.
     Answered(Response<ProxyBody>),
-    /// The request was provably not sent: it can go to another backend as it is.
-    Unsent(Request<RequestBody>),
+    /// The request was provably not sent: it can go to another backend as it is; the
+    /// failure is what to answer if none is left (a connect failure: "no backend").
+    Unsent(Request<RequestBody>, Failure),
     /// The backend took the request and failed before answering (or in time): what to
     /// answer unless [`Failure::retry`] allows another backend.
     Failed(Failure),
