@@ -81,6 +81,9 @@ impl Case {
 }
 
 const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+/// [`OK`] closing: the backend closes after it, so Fulcrum must not pool the connection (a
+/// pooled one closing just as the next case reuses it would fail that case's request).
+const OK_CLOSE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
 const SMUGGLED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsmuggle";
 
 fn corpus() -> Vec<Case> {
@@ -93,16 +96,19 @@ fn corpus() -> Vec<Case> {
     // hyper's client reads a response head of up to ~400 KiB (its `max_buf_size` default,
     // 8 KiB + 100 × 4 KiB) and 100 header lines.
     let big_head = format!(
-        "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 5\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
         "a".repeat(300_000)
     );
     let endless = "HTTP/1.1 100 Continue\r\n\r\n".repeat(100_000);
     let many_headers = format!(
         "HTTP/1.1 200 OK\r\n{}Content-Length: 5\r\n\r\nhello",
-        (0..200).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+        (0..200)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
     );
-    let continues = "HTTP/1.1 100 Continue\r\n\r\n".repeat(1000) + OK;
-    let hints = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n".repeat(1000) + OK;
+    let continues = "HTTP/1.1 100 Continue\r\n\r\n".repeat(1000) + OK_CLOSE;
+    let hints =
+        "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n".repeat(1000) + OK_CLOSE;
     let mut silent_close = case("close before any byte", "", Close, Fulcrum(502)).h2(Fulcrum(502));
     silent_close.script.reply = None;
     let mut stall = case("stall before any byte", "", Stall, Fulcrum(504));
@@ -273,7 +279,9 @@ fn check(got: &Got, outcome: Outcome) -> Result<(), String> {
                 && got.status == Some(status)
                 && got.body.starts_with(status.to_string().as_bytes())
         }
-        Outcome::Passed(body) => got.complete && got.status == Some(200) && got.body == body.as_bytes(),
+        Outcome::Passed(body) => {
+            got.complete && got.status == Some(200) && got.body == body.as_bytes()
+        }
         Outcome::Abort => got.closed && !got.complete,
     };
     ok.then_some(()).ok_or_else(|| {
@@ -297,13 +305,22 @@ async fn check_h2(client: &reqwest::Client, url: &str, outcome: Outcome) -> Resu
         Ok(response) => (response.status().as_u16(), response.bytes().await),
     };
     let ok = match (outcome, &got) {
-        (Outcome::Fulcrum(status), (s, Ok(body))) => *s == status && body.starts_with(status.to_string().as_bytes()),
+        (Outcome::Fulcrum(status), (s, Ok(body))) => {
+            *s == status && body.starts_with(status.to_string().as_bytes())
+        }
         (Outcome::Passed(expected), (200, Ok(body))) => body == expected.as_bytes(),
         (Outcome::Abort, (200, Err(_))) => true,
         _ => false,
     };
-    ok.then_some(())
-        .ok_or_else(|| format!("HTTP/2 got {:?}", (got.0, got.1.map(|b| String::from_utf8_lossy(&b).into_owned()))))
+    ok.then_some(()).ok_or_else(|| {
+        format!(
+            "HTTP/2 got {:?}",
+            (
+                got.0,
+                got.1.map(|b| String::from_utf8_lossy(&b).into_owned())
+            )
+        )
+    })
 }
 
 /// The failure counter of backend `address` in pool `pool` (admin API).
@@ -339,7 +356,11 @@ async fn run(case: &Case, lb: &Proc, liar: &ScriptedBackend, h2: &reqwest::Clien
                 liar.late_writes.load(std::sync::atomic::Ordering::SeqCst) > late
             })
             .await;
-            assert!(sent, "{}: the backend's unsolicited bytes were not sent", case.name);
+            assert!(
+                sent,
+                "{}: the backend's unsolicited bytes were not sent",
+                case.name
+            );
         }
         if got.closed {
             problems.push("client connection closed after the first answer".into());
@@ -355,7 +376,9 @@ async fn run(case: &Case, lb: &Proc, liar: &ScriptedBackend, h2: &reqwest::Clien
     if let Some(expected) = case.connections {
         let accepted = liar.accepted() - accepted_before;
         if accepted != expected {
-            problems.push(format!("backend accepted {accepted} connections, expected {expected}"));
+            problems.push(format!(
+                "backend accepted {accepted} connections, expected {expected}"
+            ));
         }
     }
     // A failure mid-body is counted when Fulcrum reads it: give it a moment to.
@@ -436,10 +459,14 @@ async fn lying_backends_get_502_or_a_clean_abort_and_hurt_nobody_else() {
     );
     assert!(
         failures.is_empty(),
-        "{} of {} cases failed:\n{}",
+        "{} of {} cases failed:\n{}\nlog:\n{}",
         failures.len(),
         corpus.len(),
-        failures.join("\n")
+        failures.join("\n"),
+        logs.lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -464,7 +491,10 @@ async fn failures_are_retried_only_when_safe_and_eject_the_liar() {
         let response = client.post(&url).body("hello").send().await.unwrap();
         statuses.push(response.status().as_u16());
     }
-    assert!(statuses.contains(&502), "a POST is not retried: {statuses:?}");
+    assert!(
+        statuses.contains(&502),
+        "a POST is not retried: {statuses:?}"
+    );
     let ejected = eventually(Duration::from_secs(3), || async {
         let json = admin_get(&lb, "/api/pools/mixed").await;
         json["backends"]
@@ -478,4 +508,50 @@ async fn failures_are_retried_only_when_safe_and_eject_the_liar() {
     let (counts, failures) = spread(&url, 20, 2).await;
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(counts.get("good"), Some(&20));
+}
+
+/// A backend whose heads are fine but whose bodies always break (cut short of their
+/// `Content-Length`) is ejected too: each broken body counts in its passive streak (at its
+/// next answer, as its head had counted as a success), and only a whole answer resets it.
+#[tokio::test]
+async fn bodies_broken_after_the_head_count_toward_passive_ejection() {
+    let liar = ScriptedBackend::start(Script {
+        eager: Vec::new(),
+        reply: Some(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello".to_vec()),
+        after: After::Close,
+    });
+    let good = backend("good", 0);
+    let lb = balancer_with(&config(liar.addr, good.addr), 3);
+    let url = format!("http://{}/", lb.listeners["mixed"]);
+    let client = client();
+    let is_ejected = || async {
+        let json = admin_get(&lb, "/api/pools/mixed").await;
+        json["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["address"] == liar.addr.to_string() && b["ejected"] == true)
+    };
+    let mut broken = 0;
+    for _ in 0..20 {
+        if is_ejected().await {
+            break;
+        }
+        // A broken body: an error reading it, or (reset before the head got out) sending.
+        match client.get(&url).send().await {
+            Ok(response) => {
+                assert_eq!(response.status(), 200);
+                if response.bytes().await.is_err() {
+                    broken += 1;
+                }
+            }
+            Err(_) => broken += 1,
+        }
+    }
+    assert!(
+        is_ejected().await,
+        "not ejected after {broken} broken bodies"
+    );
+    assert!((3..=5).contains(&broken), "{broken} broken bodies");
+    assert!(failures(&lb, "mixed", liar.addr).await >= broken);
 }

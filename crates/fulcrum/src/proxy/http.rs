@@ -294,7 +294,12 @@ impl HttpProxy {
                     if response.status().is_server_error() {
                         self.charge(snapshot, backend, Blame::Failure);
                     } else {
-                        backend.record_success();
+                        match backend.take_broken_bodies() {
+                            0 => backend.record_success(),
+                            // Bodies it broke since its last answer: they count now (so
+                            // this answer does not reset the streak).
+                            broken => self.charge_broken_bodies(snapshot, backend, broken),
+                        }
                     }
                     remove_hop_by_hop(response.headers_mut());
                     let response = response.map(|body| {
