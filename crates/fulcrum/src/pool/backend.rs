@@ -26,6 +26,9 @@ pub struct BackendState {
     awaiting: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Response bodies that broke after their head was passed on, not yet charged to the
+    /// passive-ejection streak (that happens at the backend's next answer).
+    broken_bodies: AtomicU32,
     /// Backend answers by status class: index 0 = 1xx … 4 = 5xx.
     responses_by_class: [AtomicU64; 5],
     /// Until this clock reading (ns) the backend is skipped after a failed connect; 0 = not.
@@ -81,6 +84,7 @@ impl Backend {
             awaiting: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            broken_bodies: AtomicU32::new(0),
             responses_by_class: Default::default(),
             down_until_ns: AtomicU64::new(0),
             admin_state: AtomicU8::new(AdminState::Active as u8),
@@ -183,6 +187,23 @@ impl BackendState {
             self.down_until_ns
                 .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Records a response body that broke after its head was passed on (cut short, bad
+    /// chunking): a failure now, and one in the passive-ejection streak when the backend next
+    /// answers (see [`Backend::take_broken_bodies`]; its head had already counted as a success).
+    pub fn record_broken_body(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.broken_bodies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The broken bodies recorded since the last call (normally none: one load).
+    #[inline]
+    pub fn take_broken_bodies(&self) -> u32 {
+        if self.broken_bodies.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.broken_bodies.swap(0, Ordering::Relaxed)
     }
 
     /// Whether the backend is currently skipped after a failure.

@@ -269,6 +269,28 @@ impl HttpProxy {
             Blame::FailureWithBackoff => Some(snapshot.settings.failure_backoff),
         };
         backend.record_failure(backoff);
+        self.passive_failure(snapshot, backend);
+    }
+
+    /// Charges `backend` with `broken` response bodies that broke after their head was passed
+    /// on (already counted as failures): each one in the passive-ejection streak.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn charge_broken_bodies(
+        &self,
+        snapshot: &PoolSnapshot,
+        backend: &Backend,
+        broken: u32,
+    ) {
+        // Enough to eject at any threshold that matters; a burst need not loop for long.
+        for _ in 0..broken.min(64) {
+            self.passive_failure(snapshot, backend);
+        }
+    }
+
+    /// One failure in `backend`'s passive-ejection streak, which may eject it (capped at the
+    /// pool's `max_ejected_percent`).
+    fn passive_failure(&self, snapshot: &PoolSnapshot, backend: &Backend) {
         let Some(policy) = &snapshot.settings.passive else {
             return;
         };

@@ -119,7 +119,7 @@ impl Body for ProxyBody {
                     Poll::Ready(None) => body.release_connection(),
                     Poll::Ready(Some(Err(error))) => {
                         body.sender = None;
-                        body.guard.backend().record_failure(None);
+                        body.guard.backend().record_broken_body();
                         tracing::warn!(backend = %body.guard.backend().address, %error, "backend response body failed mid-stream");
                     }
                     _ => {}

@@ -250,7 +250,14 @@ impl HttpProxy {
             };
             match self.exchange(snapshot, backend, connection, request).await {
                 Exchange::Answered(response) => return response,
-                Exchange::Unsent(unsent) => request = unsent,
+                Exchange::Unsent(unsent, why) => {
+                    request = unsent;
+                    // A backend that closed (or answered garbage before) a new connection
+                    // failed, it was not unavailable: 502 if no other backend answers.
+                    if why.kind == Kind::Closed {
+                        failure = Some(why);
+                    }
+                }
                 Exchange::Failed(failed) => match &replay {
                     Some(head)
                         if failed.retry() == Retry::IfReplayable
@@ -308,7 +315,12 @@ impl HttpProxy {
                     if response.status().is_server_error() {
                         self.charge(snapshot, backend, Blame::Failure);
                     } else {
-                        backend.record_success();
+                        match backend.take_broken_bodies() {
+                            0 => backend.record_success(),
+                            // Bodies it broke since its last answer: they count now (so
+                            // this answer does not reset the streak).
+                            broken => self.charge_broken_bodies(snapshot, backend, broken),
+                        }
                     }
                     remove_hop_by_hop(response.headers_mut());
                     let response = response.map(|body| {
@@ -368,7 +380,7 @@ impl HttpProxy {
                     &error,
                     "trying another backend",
                 );
-                return Exchange::Unsent(unsent);
+                return Exchange::Unsent(unsent, Failure::closed());
             }
             // A keep-alive connection the backend had just closed: once more on a fresh one.
             tracing::debug!(backend = %backend.address, %error, "pooled connection was closed; reconnecting");
@@ -386,7 +398,7 @@ impl HttpProxy {
                         &connect_error,
                         "trying another backend",
                     );
-                    return Exchange::Unsent(unsent);
+                    return Exchange::Unsent(unsent, failure);
                 }
             }
         }
@@ -434,8 +446,9 @@ fn is_client_body_error(error: &hyper::Error) -> bool {
 enum Exchange {
     /// The backend's response for the client.
     Answered(Response<ProxyBody>),
-    /// The request was provably not sent: it can go to another backend as it is.
-    Unsent(Request<RequestBody>),
+    /// The request was provably not sent: it can go to another backend as it is; the
+    /// failure is what to answer if none is left (a connect failure: "no backend").
+    Unsent(Request<RequestBody>, Failure),
     /// The backend took the request and failed before answering (or in time): what to
     /// answer unless [`Failure::retry`] allows another backend.
     Failed(Failure),

@@ -259,23 +259,153 @@ pub(crate) fn agent(args: &[&str]) -> Proc {
     spawn(&all, ready, None, &std::env::temp_dir())
 }
 
-/// A "backend" that accepts connections, reads a little and closes without answering.
-/// Returns its address and a counter of accepted connections.
+/// A "backend" that accepts connections, reads a request head and closes without answering
+/// (a [`ScriptedBackend`] with the default script). Returns its address and a counter of
+/// accepted connections.
 pub(crate) fn lying_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut buffer = [0u8; 4096];
-            let _ = stream.read(&mut buffer);
+    let backend = ScriptedBackend::start(Script::default());
+    (backend.addr, backend.accepted.clone())
+}
+
+/// What a [`ScriptedBackend`] does once it wrote its reply on a connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum After {
+    /// Closes the connection.
+    #[default]
+    Close,
+    /// Keeps it open, silent, reading (and ignoring) whatever comes, until the peer closes.
+    Stall,
+    /// Answers every further request head on the connection with the same reply.
+    KeepAlive,
+    /// Writes these bytes 100 ms later, unasked (counted in `late_writes`), then keeps the
+    /// connection open and silent.
+    Unsolicited(Vec<u8>),
+}
+
+/// The raw bytes and behaviour a [`ScriptedBackend`] answers each accepted connection with.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Script {
+    /// Written as soon as the connection is accepted, before anything is read.
+    pub eager: Vec<u8>,
+    /// Written once a request head (up to an empty line) was read; `None`: nothing.
+    pub reply: Option<Vec<u8>>,
+    /// What follows the reply.
+    pub after: After,
+}
+
+/// A raw-TCP "backend" on 127.0.0.1:0 that answers every connection it accepts with its
+/// current [`Script`] (replaceable between cases with [`ScriptedBackend::set`], which also
+/// closes the connections of the previous script, so no case is answered by another's): any
+/// bytes, well-formed or not, then close, stall or keep the connection open. One thread per
+/// connection; the threads end with their connections.
+pub(crate) struct ScriptedBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    script: std::sync::Arc<std::sync::Mutex<Script>>,
+    /// The connections open now (clones, to close them).
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    /// Connections accepted so far.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Unsolicited writes ([`After::Unsolicited`]) done so far.
+    pub late_writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ScriptedBackend {
+    /// Starts it with `script`.
+    pub(crate) fn start(script: Script) -> ScriptedBackend {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = ScriptedBackend {
+            addr,
+            script: std::sync::Arc::new(std::sync::Mutex::new(script)),
+            open: Default::default(),
+            accepted: Default::default(),
+            late_writes: Default::default(),
+        };
+        let (script, open, accepted, late) = (
+            backend.script.clone(),
+            backend.open.clone(),
+            backend.accepted.clone(),
+            backend.late_writes.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                accepted.fetch_add(1, SeqCst);
+                if let Ok(clone) = stream.try_clone() {
+                    open.lock().unwrap().push(clone);
+                }
+                let script = script.lock().unwrap().clone();
+                let late = late.clone();
+                std::thread::spawn(move || {
+                    let _ = Self::serve(stream, &script, &late);
+                });
+            }
+        });
+        backend
+    }
+
+    /// The script for connections accepted from now on.
+    /// Connections accepted before are closed.
+    pub(crate) fn set(&self, script: Script) {
+        *self.script.lock().unwrap() = script;
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
-    });
-    (addr, accepted)
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn serve(
+        mut stream: std::net::TcpStream,
+        script: &Script,
+        late: &std::sync::atomic::AtomicUsize,
+    ) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut pending = Vec::new();
+        // Reads up to the end of the next request head; false at EOF.
+        let read_head = |stream: &mut std::net::TcpStream, pending: &mut Vec<u8>| loop {
+            if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                pending.drain(..at + 4);
+                return true;
+            }
+            let mut buffer = [0u8; 4096];
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => pending.extend_from_slice(&buffer[..n]),
+            }
+        };
+        if !script.eager.is_empty() {
+            stream.write_all(&script.eager)?;
+        }
+        if !read_head(&mut stream, &mut pending) {
+            return Ok(());
+        }
+        if let Some(reply) = &script.reply {
+            stream.write_all(reply)?;
+        }
+        match &script.after {
+            After::Close => {}
+            After::Stall => while read_head(&mut stream, &mut pending) {},
+            After::KeepAlive => {
+                while read_head(&mut stream, &mut pending) {
+                    stream.write_all(script.reply.as_deref().unwrap_or_default())?;
+                }
+            }
+            After::Unsolicited(bytes) => {
+                std::thread::sleep(Duration::from_millis(100));
+                stream.write_all(bytes)?;
+                late.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                while read_head(&mut stream, &mut pending) {}
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        Ok(())
+    }
 }
 
 /// Writes `config` to a temporary file and returns (dir, path).
